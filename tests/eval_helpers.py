@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-AUSTEN = "/work/shared/data/austen/persuasion.txt.gz"
+AUSTEN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "austen", "test", "persuasion.txt.gz")
 _REPO_DATA = os.path.join(os.path.dirname(__file__), "data")
 
 

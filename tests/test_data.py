@@ -9,8 +9,8 @@ import pytest
 
 from fairy2i_jax import data
 
-AUSTEN_DIR = "/work/shared/data/austen"
-PERSUASION = os.path.join(AUSTEN_DIR, "persuasion.txt.gz")
+AUSTEN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "austen")
+PERSUASION = os.path.join(AUSTEN_DIR, "test", "persuasion.txt.gz")
 PAD, BOS, EOS = 0, 1, 2
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from fairy2i_jax.hf.tokenizer import SentencePieceTokenizer, load_tokenizer
 
-AUSTEN = "/work/shared/data/austen/persuasion.txt.gz"
+AUSTEN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "austen", "test", "persuasion.txt.gz")
 FALLBACK_LINES = [f"Line {i}: the quick brown fox jumps over the lazy dog, said Anne to Captain Wentworth."
                   for i in range(300)]
 
