@@ -1,7 +1,6 @@
 """GGUF import: a tiny GGUF written here from a random torch Llama, and the real SmolLM2 GGUF when installed."""
 
 import importlib.util
-import json
 import os
 
 import numpy as np
@@ -13,30 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from fairy2i_jax.hf.gguf import gguf_tokenizer, load_gguf  # noqa: E402
 from fairy2i_jax.hf.tokenizer import load_tokenizer  # noqa: E402
-
-SPECIALS = ["<unk>", "<s>", "</s>"]
-TEXTS = ["The capital of France is Paris.", "Anne Elliot walked to Uppercross.",
-         "It is a truth universally acknowledged."] * 4
-
-# HF per-layer module -> llama.cpp tensor name (written out independently of the module under test).
-LAYER_TO_GGUF = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                 "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-                 "post_attention_layernorm": "ffn_norm"}
-
-
-def _bpe_tokenizer():
-    """A tiny byte-level BPE (`tokenizers`), vocab 300, trained offline on TEXTS."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(TEXTS, trainer)
-    return tok
-
+from gguf_helpers import bpe_tokenizer, write_llama_gguf  # noqa: E402
 
 def _tiny_model(tied: bool, rope_parameters: dict):
     """A random fp32 LlamaForCausalLM (hidden 64, 2 layers, 4 heads, 2 kv heads) with non-trivial norms."""
@@ -53,65 +29,6 @@ def _tiny_model(tied: bool, rope_parameters: dict):
     return model
 
 
-def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's converter: HF rotate-half rows -> interleaved pairs, per head."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _gguf_name(hf_name: str) -> str:
-    """HF state-dict name -> llama.cpp tensor name."""
-    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    if hf_name in fixed:
-        return fixed[hf_name]
-    _, _, layer, rest = hf_name.split(".", 3)
-    return f"blk.{layer}.{LAYER_TO_GGUF[rest.removesuffix('.weight')]}.weight"
-
-
-def _write_gguf(path, model, arch="llama", drop=(), scaling=None, tokenizer=True):
-    """Write `model` as an F32 llama.cpp-style GGUF (q/k RoPE-permuted), like convert_hf_to_gguf.py does."""
-    c = model.config
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
-    w.add_rope_dimension_count(c.head_dim)
-    if scaling is not None:
-        w.add_rope_scaling_type(scaling[0])
-        w.add_rope_scaling_factor(scaling[1])
-    if tokenizer:
-        vocab = json.loads(_bpe_tokenizer().to_str())["model"]
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("default")
-        tokens = [t for t, _ in sorted(vocab["vocab"].items(), key=lambda kv: kv[1])]
-        w.add_token_list(tokens)
-        w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
-        w.add_token_merges([" ".join(m) for m in vocab["merges"]])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    for hf_name, t in model.state_dict().items():
-        if hf_name == "lm_head.weight" and c.tie_word_embeddings:
-            continue
-        name, arr = _gguf_name(hf_name), t.numpy().copy()
-        if name in drop:
-            continue
-        if ".attn_q." in name:
-            arr = _permute(arr, c.num_attention_heads)
-        elif ".attn_k." in name:
-            arr = _permute(arr, c.num_key_value_heads)
-        w.add_tensor(name, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 @pytest.mark.parametrize("tied", [True, False])
 def test_tiny_gguf_matches_torch_state_dict(tmp_path, tied):
     """Every tensor equals the torch state dict bit for bit; the config rebuilds the same model (same logits)."""
@@ -119,7 +36,7 @@ def test_tiny_gguf_matches_torch_state_dict(tmp_path, tied):
         {"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0}
     model = _tiny_model(tied, rope)
     scaling = None if tied else (gguf.RopeScalingType.LINEAR, 2.0)
-    ck = load_gguf(_write_gguf(tmp_path / "tiny.gguf", model, scaling=scaling))
+    ck = load_gguf(write_llama_gguf(tmp_path / "tiny.gguf", model, scaling=scaling))
 
     cfg = ck.config
     assert cfg["model_type"] == "llama" and cfg["architectures"] == ["LlamaForCausalLM"]
@@ -154,11 +71,11 @@ def test_tiny_gguf_matches_torch_state_dict(tmp_path, tied):
 
 def test_tiny_gguf_tokenizer(tmp_path):
     """The embedded BPE tokenizer reproduces the `tokenizers` ids and decodes back to the text."""
-    path = _write_gguf(tmp_path / "tiny.gguf", _tiny_model(True, {"rope_type": "default", "rope_theta": 1e4}))
+    path = write_llama_gguf(tmp_path / "tiny.gguf", _tiny_model(True, {"rope_type": "default", "rope_theta": 1e4}))
     tok = gguf_tokenizer(path)
     text = "The capital of France is"
     ids = tok(text)["input_ids"]
-    assert ids == _bpe_tokenizer().encode(text).ids
+    assert ids == bpe_tokenizer().encode(text).ids
     assert tok.decode(ids) == text
     assert (tok.bos_token_id, tok.eos_token_id) == (1, 2)
     assert load_tokenizer(path)(text)["input_ids"] == ids  # the generic entry point dispatches on .gguf
@@ -167,7 +84,7 @@ def test_tiny_gguf_tokenizer(tmp_path):
 def test_errors_are_clear(tmp_path):
     """Not a GGUF, truncated, wrong architecture, missing tensor, unsupported rope scaling, no tokenizer."""
     model = _tiny_model(True, {"rope_type": "default", "rope_theta": 1e4})
-    good = _write_gguf(tmp_path / "good.gguf", model, tokenizer=False)
+    good = write_llama_gguf(tmp_path / "good.gguf", model, tokenizer=False)
     data = good.read_bytes()
 
     text = tmp_path / "notes.gguf"
@@ -183,11 +100,11 @@ def test_errors_are_clear(tmp_path):
             load_gguf(cut)
 
     with pytest.raises(ValueError, match=r"architecture 'gpt2'.*supported: llama"):
-        load_gguf(_write_gguf(tmp_path / "gpt2.gguf", model, arch="gpt2", tokenizer=False))
+        load_gguf(write_llama_gguf(tmp_path / "gpt2.gguf", model, arch="gpt2", tokenizer=False))
     with pytest.raises(ValueError, match=r"missing\.gguf.*missing tensor 'blk\.1\.ffn_down\.weight'"):
-        load_gguf(_write_gguf(tmp_path / "missing.gguf", model, drop=("blk.1.ffn_down.weight",), tokenizer=False))
+        load_gguf(write_llama_gguf(tmp_path / "missing.gguf", model, drop=("blk.1.ffn_down.weight",), tokenizer=False))
     with pytest.raises(ValueError, match=r"rope scaling type 'yarn'"):
-        load_gguf(_write_gguf(tmp_path / "yarn.gguf", model, scaling=(gguf.RopeScalingType.YARN, 4.0),
+        load_gguf(write_llama_gguf(tmp_path / "yarn.gguf", model, scaling=(gguf.RopeScalingType.YARN, 4.0),
                               tokenizer=False))
     with pytest.raises(ValueError, match=r"good\.gguf.*no embedded tokenizer"):
         gguf_tokenizer(good)

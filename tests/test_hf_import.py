@@ -14,6 +14,7 @@ from fairy2i_jax import CheckpointError, load_pretrained
 from fairy2i_jax.hf.config_map import config_from_hf, config_to_hf
 from fairy2i_jax.hf.load import resolve_checkpoint
 from fairy2i_jax.hf.safetensors_io import SafetensorsCheckpoint
+from gguf_helpers import write_llama_gguf
 from model_helpers import batch, checkpoint, jax_logits, max_diff_on_tokens, model_cls_copy, torch_logits, torch_model
 
 
@@ -170,48 +171,8 @@ def test_nonexistent_path_offline_is_refused(monkeypatch, tmp_path):
 
 # -- GGUF -------------------------------------------------------------------------------------------------------
 
-GGUF_LAYER_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-
-
-def _write_tiny_gguf(path, model):
-    """An F32 llama.cpp-style GGUF of a torch Llama (q/k rows permuted to interleaved RoPE pairs, as
-    llama.cpp's converter does), written with the ``gguf`` package."""
-    gguf = pytest.importorskip("gguf")
-    c = model.config
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(c.num_hidden_layers)
-    writer.add_context_length(c.max_position_embeddings)
-    writer.add_embedding_length(c.hidden_size)
-    writer.add_feed_forward_length(c.intermediate_size)
-    writer.add_head_count(c.num_attention_heads)
-    writer.add_head_count_kv(c.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
-    writer.add_rope_dimension_count(c.head_dim)
-    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    for name, tensor in model.state_dict().items():
-        array = tensor.numpy().copy()
-        if name in fixed:
-            writer.add_tensor(fixed[name], array)
-            continue
-        _, _, layer, rest = name.split(".", 3)
-        short = GGUF_LAYER_NAMES[rest.removesuffix(".weight")]
-        heads = {"attn_q": c.num_attention_heads, "attn_k": c.num_key_value_heads}.get(short)
-        if heads:
-            array = array.reshape(heads, 2, array.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(array.shape)
-        writer.add_tensor(f"blk.{layer}.{short}.weight", array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 def test_gguf_file_loads_through_the_same_path(tmp_path):
-    path = _write_tiny_gguf(tmp_path / "tiny.gguf", torch_model("llama"))
+    path = write_llama_gguf(tmp_path / "tiny.gguf", torch_model("llama"), tokenizer=False)
     model = load_pretrained(path, compute_dtype=jnp.float32)
     ids, mask = batch()
     assert max_diff_on_tokens(jax_logits(model, ids, mask), torch_logits(torch_model("llama"), ids, mask), mask) <= 1e-4
