@@ -22,9 +22,13 @@ batched longest first and answered in their original order.
 `get_rolling_token_windows(tokens, prefix_token=BOS (else EOS), max_seq_len=max_length, context_len=1)` and
 `make_disjoint_window`; each token is predicted exactly once, the first from BOS alone.
 
-`generate_until`: greedy decoding, batched over requests, that re-runs the full forward for every new token
-(no KV cache: O(n^2) work, acceptable for evaluation-sized generations), stopping at EOS, at any `until`
-string (the output is cut before it), or after `max_gen_toks` tokens. Sampling arguments are ignored.
+`generate_until`: greedy decoding, batched over requests, stopping at EOS, at any `until` string (the output
+is cut before it), or after `max_gen_toks` tokens. Sampling arguments are ignored. With `model=` (the NNX
+model behind the logits function) it uses the KV cache (`fairy2i_jax.generate.greedy_ids`: one prefill, then
+jitted decode steps, stop strings checked every `GEN_CHUNK` tokens), the prompt left-truncated to
+`max_length - max_gen_toks` tokens (as lm-eval's `HFLM`); without it, it re-runs the full forward through the
+logits function for every new token (O(n^2) work; any logits function, e.g. a torch oracle), the input
+left-truncated to the last `max_length` tokens at every step. Both give the same text when nothing is truncated.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from tqdm.auto import tqdm
 from fairy2i_jax.evaluation.logits import LogitsFn, pad_rows, score_sequences
 
 ENCODINGS = ("official", "harness")
+GEN_CHUNK = 16  # decode steps between stop-string checks on the KV-cache path
 
 
 def _prefix_id(tokenizer) -> int:
@@ -78,7 +83,7 @@ class LogitsLM(LM):
     """An lm-eval `LM` over a logits function (`fairy2i_jax.evaluation.logits`) and an HF-style tokenizer."""
 
     def __init__(self, logits_fn: LogitsFn, tokenizer, max_length: int = 2048, batch_size: int = 8,
-                 encoding: str = "official", max_gen_toks: int = 256, progress: bool = True):
+                 encoding: str = "official", max_gen_toks: int = 256, progress: bool = True, model=None):
         super().__init__()
         if encoding not in ENCODINGS:
             raise ValueError(f"unknown encoding {encoding!r}; expected one of {ENCODINGS}")
@@ -92,7 +97,7 @@ class LogitsLM(LM):
             raise ValueError(f"the logits function takes at most {fn_max} tokens, less than max_length={max_length}")
         self.logits_fn, self.tokenizer, self.encoding = logits_fn, tokenizer, encoding
         self.max_length, self.batch_size, self.max_gen_toks = int(max_length), int(batch_size), int(max_gen_toks)
-        self.progress = progress
+        self.progress, self.model = progress, model
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = int(pad if pad is not None else tokenizer.eos_token_id)
 
@@ -156,8 +161,8 @@ class LogitsLM(LM):
         out: list[str] = [""] * len(requests)
         batches = [jobs[i: i + self.batch_size] for i in range(0, len(jobs), self.batch_size)]
         for batch in tqdm(batches, desc="generate_until", disable=not self.progress):
-            texts = self._greedy_batch([job[1] for job in batch], [job[2] for job in batch],
-                                       [job[3] for job in batch])
+            greedy = self._greedy_batch if self.model is None else self._cached_batch
+            texts = greedy([job[1] for job in batch], [job[2] for job in batch], [job[3] for job in batch])
             for job, text in zip(batch, texts):
                 out[job[0]] = text
         return out
@@ -196,6 +201,27 @@ class LogitsLM(LM):
                     still.append(k)
             active = still
         return [_cut_at_stop(self.tokenizer.decode(g), u) for g, u in zip(generated, untils)]
+
+    def _cached_batch(self, prompts: list[list[int]], untils: list[list[str]], budgets: list[int]) -> list[str]:
+        """Greedy decoding of several prompts at once with the model's KV cache (module docstring)."""
+        from fairy2i_jax.generate import greedy_ids
+
+        eos = int(self.tokenizer.eos_token_id)
+        run = [k for k, b in enumerate(budgets) if b > 0]  # a budget of 0 generates nothing
+        if not run:
+            return [""] * len(prompts)
+        budgets = [min(budgets[k], self.max_length - 1) for k in run]
+        inputs = [prompts[k][-(self.max_length - b):] for k, b in zip(run, budgets)]
+
+        def stop(j: int, ids: list[int]) -> bool:
+            return any(s and s in self.tokenizer.decode(ids) for s in untils[run[j]])
+
+        new = greedy_ids(self.model, inputs, budgets, eos_id=eos, pad_id=self.pad_id, batch_size=self.batch_size,
+                         chunk=GEN_CHUNK, stop=stop if any(untils) else None)
+        out = [""] * len(prompts)
+        for k, ids in zip(run, new):
+            out[k] = _cut_at_stop(self.tokenizer.decode([t for t in ids if t != eos]), untils[k])
+        return out
 
 
 def _cut_at_stop(text: str, until: Sequence[str]) -> str:

@@ -1,0 +1,363 @@
+"""The logic behind `eval.py`: models x quantization settings -> perplexity and lm-eval `acc`, one table.
+
+    python eval.py --model PATH [--model PATH2 ...] --quant fp,w2,w1,binary,ternary --ppl-files a.txt.gz,b.txt \\
+        [--protocol official,contiguous] [--seqlen 2048] [--max-tokens N] [--tasks arc_easy,piqa [--limit N]] \\
+        [--json out.json]
+
+Models: a HF directory (`config.json` + safetensors), a `.gguf` file, a hub id (downloaded when online), or a
+training run directory (`config.yaml`, see `load_run_dir`); the tokenizer comes from the same place.
+Settings (`--quant`, comma separated): `trained` (the model exactly as loaded: for a run directory the QAT model
+as trained, for a checkpoint the same as `fp`), `fp` (every linear real, complex masters recomposed,
+unquantized) or a PTQ preset of `fairy2i_jax.convert` (`w1`..`w4`, `binary`, `ternary`) applied to the model's
+(real or master) weights, with `--numerics`; `--lm-head-fp` keeps every output head in full precision, a
+`:head-fp` suffix (`w2:head-fp`) only that setting's. A quantized model is evaluated with its weights
+quantized once (`freeze_weights`), then it runs like a real model.
+
+Perplexity (`fairy2i_jax.evaluation.perplexity`): `official` = the Fairy2i packed protocol over the file's
+documents (`--doc-split`, default paragraphs), reported with both denominators (the paper's, which counts the
+masked targets after EOS, and per scored token); `contiguous` = the whole file tokenized once, windows of
+`--seqlen` (`--stride` for overlapping ones). `--max-tokens` keeps the first N tokens (contiguous) or the
+first chunks holding at most N tokens (official; at least one chunk). Every model is compiled once per shape
+bucket (`jax_logits_fn`): `--seqlen`, plus powers of two up to `--max-length` when tasks run.
+
+Errors a user can fix (a missing file, an empty text, an unknown task, an unusable model path) print one
+line on stderr and exit with code 2, before any model is loaded where possible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+QUANTS = ("fp", "trained", "w1", "w2", "w3", "w4", "binary", "ternary")
+HEAD_FP = ":head-fp"
+PROTOCOLS = ("official", "contiguous")
+
+
+class EvalError(Exception):
+    """A problem with the command line or its inputs: reported as one line, exit code 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One evaluated form of a model: `quant` (`fp` or a PTQ preset) and whether the output head stays fp."""
+
+    quant: str
+    head_fp: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.quant + (HEAD_FP if self.head_fp else "")
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def parse_settings(text: str, head_fp: bool = False) -> list[Setting]:
+    """`"fp,w2,w2:head-fp"` -> settings; `head_fp` applies to every quantized one."""
+    out = []
+    for item in _csv(text):
+        quant, suffix = (item[: -len(HEAD_FP)], True) if item.endswith(HEAD_FP) else (item, False)
+        if quant not in QUANTS:
+            raise EvalError(f"unknown --quant {item!r}; expected {', '.join(QUANTS)} (optionally with {HEAD_FP})")
+        out.append(Setting(quant, (suffix or head_fp) and quant not in ("fp", "trained")))
+    if not out:
+        raise EvalError("--quant lists no setting")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `eval.py` command line (see the module docstring)."""
+    p = argparse.ArgumentParser(
+        prog="eval.py", description="Evaluate models (HF dir, .gguf, hub id, training run dir) as fp or PTQ: "
+        "perplexity (official and contiguous protocols) and lm-eval acc, in one table.")
+    p.add_argument("--model", action="append", required=True, help="HF dir, .gguf file, hub id or run dir; repeat")
+    p.add_argument("--quant", default="fp", help=f"comma list of {', '.join(QUANTS)} (suffix {HEAD_FP})")
+    p.add_argument("--numerics", default="bf16_exact", choices=("bf16_exact", "fp32"))
+    p.add_argument("--lm-head-fp", action="store_true", help="keep the output head in full precision")
+    p.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--ppl-files", default="", help="comma list of .txt/.txt.gz/.jsonl files")
+    p.add_argument("--protocol", default="official,contiguous", help="comma list of official, contiguous")
+    p.add_argument("--doc-split", default="paragraph", choices=("paragraph", "line", "file"),
+                   help="what one document (item) of the official protocol is")
+    p.add_argument("--seqlen", type=int, default=2048, help="perplexity window / chunk length")
+    p.add_argument("--stride", type=int, default=None, help="contiguous windows every N tokens (overlapping)")
+    p.add_argument("--max-tokens", type=int, default=None, help="cap the tokens evaluated per file (CPU)")
+    p.add_argument("--tasks", default="", help="comma list of lm-eval tasks (metric: acc)")
+    p.add_argument("--tasks-include", default=None, help="directory of local lm-eval task YAMLs")
+    p.add_argument("--no-builtin-tasks", action="store_true",
+                   help="only the --tasks-include tasks (skips indexing lm-eval's built-in tasks, ~10 s)")
+    p.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task (or a fraction < 1)")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--encoding", default="official", choices=("official", "harness"), help="lm-eval encoding")
+    p.add_argument("--max-length", type=int, default=2048, help="lm-eval context length")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--json", default=None, help="write every number to this JSON file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+@dataclasses.dataclass
+class TextFile:
+    """A perplexity file: its documents (official items) and its whole text (contiguous)."""
+
+    path: str
+    name: str
+    items: list[str]
+    text: str
+
+
+def read_ppl_files(paths: list[str], doc_split: str) -> list[TextFile]:
+    """Every `--ppl-files` entry read once; EvalError for a missing, unreadable or empty file."""
+    from fairy2i_jax.data import read_documents
+
+    files, names = [], [os.path.basename(p).split(".")[0] for p in paths]
+    for path, name in zip(paths, names):
+        if not os.path.isfile(path):
+            raise EvalError(f"perplexity file {path!r} does not exist")
+        try:
+            items = list(read_documents(path, doc_split=doc_split))
+            whole = "\n\n".join(read_documents(path, doc_split="file"))
+        except (ValueError, OSError, UnicodeDecodeError) as e:
+            raise EvalError(f"cannot read perplexity file {path!r}: {e}") from None
+        if not items or not whole.strip():
+            raise EvalError(f"perplexity file {path!r} holds no text (empty or whitespace only)")
+        files.append(TextFile(path, name if names.count(name) == 1 else path, items, whole))
+    return files
+
+
+def resolve_task_manager(tasks: list[str], include: str | None, builtin: bool = True):
+    """An lm-eval TaskManager knowing every task; lm-eval's built-in tasks are indexed (~10 s) only when
+    `builtin` and the include directory (if any) lacks one of the tasks."""
+    if not tasks:
+        return None
+    from fairy2i_jax.evaluation.lm_eval_adapter import resolve_tasks
+
+    if include is not None and not os.path.isdir(include):
+        raise EvalError(f"--tasks-include directory {include!r} does not exist")
+    if not builtin and include is None:
+        raise EvalError("--no-builtin-tasks needs --tasks-include")
+    try:
+        if include is not None:
+            try:
+                return resolve_tasks(tasks, include, include_defaults=False)
+            except ValueError:
+                if not builtin:
+                    raise
+        return resolve_tasks(tasks, include, include_defaults=True)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def load_run_dir(path: str):
+    """(model, tokenizer) of a `train.py` run directory (`config.yaml` + orbax checkpoints): the model as
+    trained (its QAT linears, the params of the latest checkpoint) via `fairy2i_jax.training.load_run`. The
+    run's own dtypes apply (`--compute-dtype` does not)."""
+    if importlib.util.find_spec("fairy2i_jax.training") is None:
+        raise EvalError(f"{path!r} is a training run directory (config.yaml); training run dirs are supported "
+                        "once issue [C] lands")
+    from fairy2i_jax.training import CheckpointCorruptError, load_run
+
+    try:
+        model, tokenizer, _ = load_run(path)
+    except (ValueError, FileNotFoundError, CheckpointCorruptError) as e:
+        raise EvalError(f"cannot load training run {path!r}: {e}") from None
+    return model, tokenizer
+
+
+def check_model_spec(spec: str) -> None:
+    """EvalError unless `spec` is an existing path or looks like a hub id (`owner/name`)."""
+    if Path(spec).expanduser().exists():
+        return
+    if spec.count("/") != 1 or spec.startswith((".", "/", "~")) or spec.endswith(".gguf"):
+        raise EvalError(f"model {spec!r} does not exist (neither a local directory/file nor a hub id)")
+
+
+def load_model(spec: str, compute_dtype: str):
+    """(CausalLM, tokenizer, display name) of a `--model` entry; EvalError when it cannot be used."""
+    import jax.numpy as jnp
+
+    from fairy2i_jax import load_pretrained, load_tokenizer
+    from fairy2i_jax.hf.load import resolve_checkpoint
+    from fairy2i_jax.hf.safetensors_io import CheckpointError
+
+    local = Path(spec).expanduser()
+    if local.is_dir() and (local / "config.yaml").is_file() and not (local / "config.json").is_file():
+        return (*load_run_dir(spec), local.name)
+    try:
+        path = resolve_checkpoint(spec)
+        model = load_pretrained(path, dtype=jnp.float32, compute_dtype=getattr(jnp, compute_dtype))
+        tokenizer = load_tokenizer(path)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        raise EvalError(f"cannot load model {spec!r}: {e}") from None
+    return model, tokenizer, local.name if local.exists() else spec
+
+
+def freeze_weights(model):
+    """A real `CausalLM` whose kernels are `model`'s effective (fake-quantized) weights, computed once.
+
+    Same logits as `model` (each weight is the matrix `model`'s forward multiplies by); a tied output head
+    whose weight differs from the embedding table (a quantized head) becomes an untied head.
+    """
+    from flax import nnx
+
+    from fairy2i_jax.models.llama import abstract_model
+
+    cfg, weights = model.config, model.effective_weights()
+    untie = cfg.tie_word_embeddings and model.lm_head.spec.kind == "qat"
+    frozen = abstract_model(cfg.replace(tie_word_embeddings=False) if untie else cfg)
+    for name, lin in frozen.named_linears().items():
+        if not lin.tied:
+            lin.kernel.set_value(weights[name].astype(cfg.param_dtype))
+    old = {path: v for path, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)}
+    for path, var in nnx.iter_graph(frozen):
+        if isinstance(var, nnx.Variable) and path[-1] != "kernel":
+            var.set_value(old[path].get_value())
+    return frozen
+
+
+def model_for(base, setting: Setting, numerics: str):
+    """The model to evaluate for `setting` (module docstring), quantized weights frozen once."""
+    from fairy2i_jax.convert import convert
+
+    real = all(spec.kind == "real" for spec in base.linear_plan().values())
+    if setting.quant == "trained":
+        return base if real else freeze_weights(base)
+    if setting.quant == "fp":
+        return base if real else convert(base, "none")
+    return freeze_weights(convert(base, setting.quant, numerics=numerics, lm_head=not setting.head_fp))
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+def perplexity_windows(file: TextFile, tokenizer, protocol: str, args) -> list:
+    """The scored windows of `file` under `protocol`, capped at `--max-tokens`."""
+    from fairy2i_jax.evaluation import perplexity as P
+
+    try:
+        if protocol == "contiguous":
+            ids = P.contiguous_ids(file.text, tokenizer, file.path)[: args.max_tokens]
+            return P.contiguous_windows(ids, args.seqlen, args.stride, source=file.path)
+        chunks = P.official_packed_chunks(file.items, tokenizer, args.seqlen, file.path)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+    if args.max_tokens is not None:
+        total = np.cumsum([len(c) for c in chunks])
+        chunks = chunks[: max(1, int(np.searchsorted(total, args.max_tokens, side="right")))]
+    return P.official_windows(chunks, tokenizer.eos_token_id)
+
+
+def perplexity_metrics(logits_fn, windows: dict, args, pad_id: int) -> dict:
+    """{file name: {protocol: numbers}} for the prepared `windows[(file, protocol)]`."""
+    from fairy2i_jax.evaluation.perplexity import evaluate_perplexity
+
+    out: dict = {}
+    for (name, protocol), wins in windows.items():
+        r = evaluate_perplexity(logits_fn, wins, args.batch_size, protocol, pad_id=pad_id,
+                                progress=not args.no_progress, source=f"{name} {protocol}")
+        out.setdefault(name, {})[protocol] = {
+            "ppl": r.ppl_corrected, "ppl_official_denominator": r.ppl_official, "chunks": r.num_chunks,
+            "tokens": r.num_tokens, "scored": r.num_scored, "positions": r.num_positions, "nll_sum": r.nll_sum}
+    return out
+
+
+def task_metrics(model, logits_fn, tokenizer, manager, tasks: list[str], args) -> dict:
+    """{task: {"acc": ..., "acc_stderr": ...}} through the lm-eval adapter (`acc`, as the paper reports)."""
+    import lm_eval
+
+    from fairy2i_jax.evaluation.lm_eval_adapter import LogitsLM
+
+    lm = LogitsLM(logits_fn, tokenizer, max_length=args.max_length, batch_size=args.batch_size,
+                  encoding=args.encoding, progress=not args.no_progress, model=model)
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, num_fewshot=args.num_fewshot,
+                                  limit=limit, log_samples=False, verbosity="ERROR")
+    results = out["results"]
+    return {t: {"acc": results[t].get("acc,none"), "acc_stderr": results[t].get("acc_stderr,none")}
+            for t in tasks if t in results}
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def run(args) -> list[dict]:
+    """Check every input, then evaluate every (model, setting); returns the rows."""
+    from fairy2i_jax.evaluation import default_buckets
+
+    settings = parse_settings(args.quant, args.lm_head_fp)
+    protocols = _csv(args.protocol)
+    if any(p not in PROTOCOLS for p in protocols):
+        raise EvalError(f"unknown --protocol {args.protocol!r}; expected a comma list of {', '.join(PROTOCOLS)}")
+    if args.seqlen < 2 or args.batch_size < 1 or (args.max_tokens is not None and args.max_tokens < 2):
+        raise EvalError("--seqlen and --max-tokens must be >= 2, --batch-size >= 1")
+    files = read_ppl_files(_csv(args.ppl_files), args.doc_split)
+    tasks = _csv(args.tasks)
+    if not files and not tasks:
+        raise EvalError("nothing to evaluate: give --ppl-files and/or --tasks")
+    for spec in args.model:
+        check_model_spec(spec)
+    manager = resolve_task_manager(tasks, args.tasks_include, not args.no_builtin_tasks)
+    buckets = sorted(set(([args.seqlen] if files else []) + (list(default_buckets(args.max_length, 64))
+                                                               if tasks else [])))
+    rows = []
+    for spec in args.model:
+        base, tok, name = load_model(spec, args.compute_dtype)
+        windows = {(f.name, p): perplexity_windows(f, tok, p, args) for f in files for p in protocols}
+        for setting in settings:
+            print(f"[eval] {name} {setting.label}", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            row = {"model": name, "path": spec, "quant": setting.label,
+                   "numerics": None if setting.quant in ("fp", "trained") else args.numerics,
+                   **evaluate_setting(base, tok, setting, windows, tasks, manager, buckets, args)}
+            rows.append({**row, "seconds": round(time.perf_counter() - start, 1)})
+    return rows
+
+
+def evaluate_setting(base, tokenizer, setting: Setting, windows: dict, tasks: list[str], manager, buckets,
+                     args) -> dict:
+    """`compute_dtype`, `ppl` and `tasks` of one setting of one model (one jitted logits function)."""
+    from fairy2i_jax.evaluation import jax_logits_fn
+
+    pad_id = next((int(i) for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    model = model_for(base, setting, args.numerics)
+    fn = jax_logits_fn(model, buckets=buckets, batch_size=args.batch_size, pad_id=pad_id)
+    return {"compute_dtype": str(np.dtype(model.config.compute_dtype)),
+            "ppl": perplexity_metrics(fn, windows, args, pad_id),
+            "tasks": task_metrics(model, fn, tokenizer, manager, tasks, args) if tasks else {}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `eval.py` with `argv` (default: `sys.argv[1:]`); 0 on success, 2 on a user error."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    try:
+        rows = run(args)
+    except EvalError as e:
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        return 2
+    from fairy2i_jax.evaluation.report import environment, markdown_table, token_notes
+
+    print(markdown_table(rows) + "\n\n" + token_notes(rows), flush=True)
+    if args.json:
+        report = {"command": "python eval.py " + shlex.join(argv), **environment(), "args": vars(args),
+                  "rows": rows}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
