@@ -151,8 +151,9 @@ def test_smollm2_config(smol_ck):
 def test_smollm2_tensors_match_transformers_gguf_loader(smol_ck):
     """Same tensors as transformers' own GGUF loader (dequantizes + un-permutes itself), within 1e-6.
 
-    `AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)` needs `accelerate`, which is not a dependency,
-    so this calls the function it uses, `load_gguf_checkpoint`, with a meta-device model for the name map.
+    Calls the function `AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)` uses, `load_gguf_checkpoint`,
+    with a meta-device model for the name map, so tensors are compared one at a time without building the torch
+    model (tests/test_smollm2.py compares the logits of the full transformers load).
     """
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
