@@ -1,0 +1,117 @@
+"""Checkpoints of a run directory with orbax: train state, data-iterator position, step and config.
+
+Layout of ``run_dir``::
+
+    config.yaml          the resolved config of the run (written once; a resumed run must match it)
+    checkpoints/<step>/  orbax items: ``state`` (params, optimizer state, step, rng: StandardSave),
+                         ``data`` (the grain iterator state, JSON, identical on every host) and
+                         ``meta`` (step, tokens seen, the resolved config: JSON)
+    metrics.jsonl, events.out.tfevents.*   see :mod:`fairy2i_jax.training.metrics`
+
+Saves are asynchronous (``enable_async_checkpointing``), keep the newest ``keep`` steps, never overwrite an
+existing step, and an interrupted save (process killed) leaves only an orbax temporary directory that is never
+taken for a checkpoint. A checkpoint that cannot be read raises :class:`CheckpointCorruptError` naming the step
+and the directory; nothing is deleted. Every restored leaf is checked against the expected shape and dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+logger = logging.getLogger(__name__)
+
+Tree = Any
+
+
+class CheckpointCorruptError(RuntimeError):
+    """A checkpoint exists but cannot be read or does not match the model (nothing was deleted)."""
+
+
+class RunCheckpoints:
+    """Orbax ``CheckpointManager`` over ``<run_dir>/checkpoints`` with the items described in the module docstring."""
+
+    def __init__(self, directory: str | Path, keep: int = 2, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                                 item_names=("state", "data", "meta"))
+        except Exception as e:  # orbax reads step metadata at start-up
+            raise CheckpointCorruptError(f"cannot open the checkpoint directory {self.directory}: "
+                                         f"{type(e).__name__}: {e}. Nothing was deleted.") from e
+
+    def steps(self) -> list[int]:
+        """Completed checkpoint steps, ascending."""
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def save(self, step: int, state: Tree, data_state: dict, meta: dict) -> bool:
+        """Start an (async) save of ``step``; False (and no write) when that step is already saved."""
+        if step in self.steps():
+            logger.info("checkpoint %d already exists in %s: not overwritten", step, self.directory)
+            return False
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                                  meta=ocp.args.JsonSave(meta))
+        return bool(self.manager.save(step, args=args, force=True))
+
+    def wait(self) -> None:
+        """Block until pending async saves are committed."""
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, target: Tree) -> tuple[Tree, dict, dict]:
+        """``(state, data_state, meta)`` of ``step`` restored into ``target`` (ShapeDtypeStructs with
+        shardings); :class:`CheckpointCorruptError` when unreadable or mismatching."""
+        where = f"checkpoint step {step} in {self.directory}"
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        except Exception as e:
+            raise CheckpointCorruptError(
+                f"{where} cannot be read ({type(e).__name__}: {_first_line(e)}). Nothing was deleted: move that "
+                f"step directory away to resume from an earlier checkpoint ({self.steps()[:-1] or 'none'}), or "
+                "use another train.run_dir to start afresh.") from e
+        check_restored(restored["state"], target, where)
+        if not isinstance(restored["data"], dict) or not isinstance(restored["meta"], dict):
+            raise CheckpointCorruptError(f"{where}: the data or meta item is not a JSON object. Nothing was deleted.")
+        return restored["state"], restored["data"], restored["meta"]
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:500] if text else ""
+
+
+def check_restored(restored: Tree, target: Tree, where: str) -> None:
+    """Every leaf present, with the expected shape and dtype (orbax can return partial trees silently)."""
+    got = dict(_flat(restored))
+    problems = []
+    for path, want in _flat(target):
+        leaf = got.get(path)
+        if leaf is None:
+            problems.append(f"{path}: missing")
+        elif tuple(leaf.shape) != tuple(want.shape) or np.dtype(leaf.dtype) != np.dtype(want.dtype):
+            problems.append(f"{path}: {leaf.dtype}{list(leaf.shape)}, expected {want.dtype}{list(want.shape)}")
+        elif not isinstance(leaf, jax.Array):
+            problems.append(f"{path}: not materialised ({type(leaf).__name__})")
+    if problems:
+        raise CheckpointCorruptError(f"{where} does not match the model: " + "; ".join(problems[:10])
+                                     + (f" (+{len(problems) - 10} more)" if len(problems) > 10 else "")
+                                     + ". Nothing was deleted.")
+
+
+def _flat(tree: Tree) -> list[tuple[str, Any]]:
+    return [(jax.tree_util.keystr(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]

