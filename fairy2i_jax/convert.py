@@ -34,7 +34,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fairy2i_jax.hf.keymap import hf_names
 from fairy2i_jax.models.linear import MASTER_DTYPE, REAL, Linear, LinearSpec
 from fairy2i_jax.models.llama import LM_HEAD, CausalLM, abstract_model
 from fairy2i_jax.quant import QuantSpec
@@ -184,36 +183,14 @@ def to_real(model: CausalLM) -> CausalLM:
 def iter_real_state(model: CausalLM, dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(HF tensor name, numpy array)`` one tensor at a time: the real HF state dict of ``model``.
 
-    Complex masters are recomposed with the float64 numpy path of ``from_widely_linear`` (one rounding to
-    ``dtype``); real params are fetched as they are. ``dtype``: output dtype (default: the param dtype).
-    Scanned layer params are split into their per-layer tensors. Quantized layers give their masters.
+    The tensors of the ``master`` export format (:mod:`fairy2i_jax.hf.export`): complex masters recomposed with
+    the float64 numpy path of ``from_widely_linear`` (one rounding to ``dtype``), real params as they are,
+    scanned layers split per layer; quantized layers give their masters. ``dtype``: default the param dtype.
     """
-    cfg = model.config
-    dtype = np.dtype(dtype or cfg.param_dtype)
-    for path, var in _variables(model).items():
-        leaf = path[-1]
-        if leaf == "W":
-            continue
-        if leaf == "U":
-            parent = path[:-1]
-            U = np.asarray(jax.device_get(var.get_value()))
-            W = np.asarray(jax.device_get(_variables_at(model, (*parent, "W"))))
-            value = from_widely_linear(U, W, dtype=dtype)
-            path = (*parent, "kernel")
-        else:
-            value = np.asarray(jax.device_get(var.get_value())).astype(dtype)
-        names = hf_names(path, cfg.scan_layers, cfg.num_layers)
-        if len(names) == 1 and not (cfg.scan_layers and path[0] == "layers"):
-            yield names[0], value
-        else:
-            yield from zip(names, value)
+    from fairy2i_jax.hf.export import tensor_plans
 
-
-def _variables_at(model: nnx.Module, path: tuple) -> jax.Array:
-    node = model
-    for part in path:
-        node = node[part] if isinstance(part, int) else getattr(node, part)
-    return node.get_value()
+    for plan in tensor_plans(model, "master", dtype or model.config.param_dtype):
+        yield plan.name, plan.produce()
 
 
 def to_real_state(model: CausalLM, dtype: Any = None) -> dict[str, np.ndarray]:

@@ -7,7 +7,8 @@ The pipeline follows the official Fairy2i data code (reference F.1):
    ``text_key`` column); a directory stands for its supported files, sorted. ``doc_split`` says what one
    document is: ``"file"`` = a whole file (text) or a whole record (jsonl/parquet), ``"paragraph"`` = each
    blank-line separated paragraph of it, ``"line"`` = each non-empty line. Documents are stripped; empty ones
-   are skipped. :func:`hf_documents` does the same for ``datasets.load_dataset`` (online use only).
+   are skipped. :func:`hf_documents` does the same for an HF dataset (:func:`load_hf_dataset`, the one
+   ``datasets.load_dataset`` call: hub datasets need network or the local HF cache).
 2. **Tokens.** :func:`tokenize_documents`: ``tokenizer.encode(doc, add_special_tokens=False)`` (a leading BOS,
    if a tokenizer adds one anyway, is stripped), EOS appended to every document, all documents concatenated
    in corpus order into one int32 array (:class:`TokenizedCorpus`). No BOS anywhere, as in the official
@@ -177,19 +178,48 @@ def read_documents(paths: PathLike | Sequence[PathLike], *, doc_split: str = "fi
             yield from split_text(text, doc_split)
 
 
-def hf_documents(name: str, *, split: str = "train", config: str | None = None, text_key: str = "text",
-                 doc_split: str = "file", streaming: bool = False) -> Iterator[str]:
-    """The documents of ``datasets.load_dataset(name, config, split=split)`` (needs ``datasets`` and network
-    or a local HF cache)."""
+def load_hf_dataset(path: str, *, split: str, config: str | None = None,
+                    data_files: Sequence[str] | None = None, streaming: bool = False):
+    """``datasets.load_dataset(path, config, data_files={split: data_files}, split=split)``.
+
+    ``path``: a hub dataset id (needs network or the local HF cache) or a packaged builder (``"json"``,
+    ``"parquet"``, ``"text"``) reading local ``data_files``; ``data_files``: the files of ``split`` (paths
+    inside the hub repository, or local paths), None for the dataset's own split files.
+    """
     try:
         import datasets
     except ImportError as e:
-        raise ImportError("hf_documents needs the `datasets` package: pip install datasets") from e
-    ds = datasets.load_dataset(name, config, split=split, streaming=streaming)
-    for i, record in enumerate(ds):
-        if text_key not in record:
-            raise ValueError(f"HF dataset {name!r} ({split}) record {i} has no {text_key!r} field")
-        yield from split_text(record[text_key], doc_split)
+        raise ImportError("reading an HF dataset needs the `datasets` package: pip install datasets") from e
+    files = None if data_files is None else {split: list(data_files)}
+    return datasets.load_dataset(path, config, data_files=files, split=split, streaming=streaming)
+
+
+def dataset_texts(ds, text_key: str = "text", batch_size: int = 1000) -> Iterator[str]:
+    """The ``text_key`` string of every record of a loaded HF dataset, in order; null values are skipped.
+
+    ValueError when the dataset has no ``text_key`` field or a value is not a string.
+    """
+    if ds.column_names is not None and text_key not in ds.column_names:
+        raise ValueError(f"the HF dataset has no {text_key!r} field (fields: {ds.column_names})")
+    for batch in ds.select_columns([text_key]).iter(batch_size=batch_size):
+        for value in batch[text_key]:
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise ValueError(f"the HF dataset's {text_key!r} field holds a {type(value).__name__}, not text")
+            yield value
+
+
+def hf_documents(name: str, *, split: str = "train", config: str | None = None,
+                 data_files: Sequence[str] | None = None, text_key: str = "text", doc_split: str = "file",
+                 streaming: bool = False) -> Iterator[str]:
+    """The documents (``doc_split``, as :func:`read_documents`) of the ``text_key`` texts of
+    :func:`load_hf_dataset` ``(name, split=split, config=config, data_files=data_files)``."""
+    if doc_split not in DOC_SPLITS:
+        raise ValueError(f"doc_split must be one of {DOC_SPLITS}, got {doc_split!r}")
+    ds = load_hf_dataset(name, split=split, config=config, data_files=data_files, streaming=streaming)
+    for text in dataset_texts(ds, text_key):
+        yield from split_text(text, doc_split)
 
 
 # ---------------------------------------------------------------------------------------------------- tokens

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fairy2i_jax import quant
-from fairy2i_jax.widely_linear import check_even_shape, recompose_planes
+from fairy2i_jax.widely_linear import check_even_shape, decompose_planes, recompose_planes
 
 Array = Any
 
@@ -143,33 +143,59 @@ jax.tree_util.register_dataclass(
 )
 
 
+def _pack_planes(u_planes: tuple[Array, Array], w_planes: tuple[Array, Array], spec: quant.QuantSpec,
+                 n: int, m: int) -> PackedWidelyLinear:
+    """``residual_phase_encode`` the planes of U and of W (each ``(re, im)``) and pack their codes."""
+    pu = quant.residual_phase_encode(*u_planes, spec)
+    pw = quant.residual_phase_encode(*w_planes, spec)
+    return PackedWidelyLinear(
+        u_words=pack_codes(pu.codes),
+        w_words=pack_codes(pw.codes),
+        u_scales=(pu.s_re, pu.s_im),
+        w_scales=(pw.s_re, pw.s_im),
+        n=n,
+        m=m,
+        stages=spec.stages,
+        granularity=spec.granularity,
+        group_size=spec.group_size,
+    )
+
+
+def _check_phase_spec(spec: quant.QuantSpec, fn: str) -> None:
+    if spec.method != "complex_phase":
+        raise ValueError(f"{fn} needs method='complex_phase', got {spec.method!r}")
+
+
 def pack_widely_linear(U: Array, W: Array, spec: quant.QuantSpec | None = None, **kw) -> PackedWidelyLinear:
     """Complex ``U, W [..., n, m]`` -> :class:`PackedWidelyLinear`: ``residual_phase_encode`` each, pack codes.
 
     ``spec`` (or ``QuantSpec(**kw)``) must use ``method="complex_phase"``; its numerics decide the scales' dtype.
+    ``unpack_to_real`` of the result equals ``quantize_widely_linear(U, W, spec)`` bit for bit.
     """
     spec = spec or quant.QuantSpec(**kw)
-    if spec.method != "complex_phase":
-        raise ValueError(f"pack_widely_linear needs method='complex_phase', got {spec.method!r}")
+    _check_phase_spec(spec, "pack_widely_linear")
     for name, x in (("U", U), ("W", W)):
         if not np.issubdtype(np.dtype(x.dtype), np.complexfloating) or x.ndim < 2:
             raise ValueError(f"{name} must be a complex array [..., n, m], got {np.dtype(x.dtype)} {tuple(x.shape)}")
     if U.shape != W.shape:
         raise ValueError(f"U and W must have the same shape, got {tuple(U.shape)} and {tuple(W.shape)}")
     xp = _xp(U)
-    pu = quant.residual_phase_encode(xp.real(U), xp.imag(U), spec)
-    pw = quant.residual_phase_encode(xp.real(W), xp.imag(W), spec)
-    return PackedWidelyLinear(
-        u_words=pack_codes(pu.codes),
-        w_words=pack_codes(pw.codes),
-        u_scales=(pu.s_re, pu.s_im),
-        w_scales=(pw.s_re, pw.s_im),
-        n=U.shape[-2],
-        m=U.shape[-1],
-        stages=spec.stages,
-        granularity=spec.granularity,
-        group_size=spec.group_size,
-    )
+    return _pack_planes((xp.real(U), xp.imag(U)), (xp.real(W), xp.imag(W)), spec, U.shape[-2], U.shape[-1])
+
+
+def pack_real_weight(A: Array, spec: quant.QuantSpec) -> PackedWidelyLinear:
+    """Codes and scales of ``quantize_real_weight(A, spec=spec)`` for a real ``A [..., 2n, 2m]``.
+
+    The planes are formed as the quantizer forms them, ``decompose_planes(A.astype(work_dtype))`` (in bf16
+    arithmetic for ``bf16_exact``), so ``unpack_to_real(pack_real_weight(A, spec))`` equals
+    ``quantize_real_weight(A, spec=spec)`` bit for bit (in the working dtype).
+    """
+    _check_phase_spec(spec, "pack_real_weight")
+    if not np.issubdtype(np.dtype(A.dtype), np.floating) or A.ndim < 2:
+        raise ValueError(f"pack_real_weight needs a real matrix [..., out, in], got {np.dtype(A.dtype)} {tuple(A.shape)}")
+    n, m = check_even_shape(A.shape, "weight")
+    u_re, u_im, w_re, w_im = decompose_planes(A.astype(spec.work_dtype))
+    return _pack_planes((u_re, u_im), (w_re, w_im), spec, n, m)
 
 
 def unpack_to_real(packed: PackedWidelyLinear, dtype: Any = None) -> Array:

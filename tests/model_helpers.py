@@ -155,3 +155,11 @@ def qat_logits(model, ids: np.ndarray, mask: np.ndarray, weights=None) -> np.nda
 def max_diff_on_tokens(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
     """Max |a - b| over real (mask = 1) positions."""
     return float(np.abs(a - b)[mask.astype(bool)].max())
+
+
+def quartet_ulp(A: np.ndarray) -> np.ndarray:
+    """One float32 ulp of the largest magnitude in each entry's 2x2 quartet (A11, A12, A21, A22 at (i, j))."""
+    n, m = A.shape[0] // 2, A.shape[1] // 2
+    quartet = np.abs(np.stack([A[:n, :m], A[:n, m:], A[n:, :m], A[n:, m:]])).max(axis=0).astype(np.float32)
+    ulp = np.spacing(quartet)
+    return np.block([[ulp, ulp], [ulp, ulp]])

@@ -22,6 +22,7 @@ from model_helpers import (
     max_diff_on_tokens,
     model_cls_copy,
     qat_logits,
+    quartet_ulp,
     torch_logits,
 )
 
@@ -89,20 +90,12 @@ def test_fp_conversion_keeps_logits_and_converts_back():
     original = {k: v.numpy() for k, v in model_cls_copy("qwen2").state_dict().items()}
     for name, value in iter_real_state(wide, np.float32):
         if name.endswith(LINEAR_SUFFIXES):
-            assert np.all(np.abs(value - original[name]) <= _quartet_ulp(original[name])), name
+            assert np.all(np.abs(value - original[name]) <= quartet_ulp(original[name])), name
         else:
             np.testing.assert_array_equal(value, original[name])
     back = to_real(wide)
     assert back.layers[0].self_attn.q_proj.spec.kind == "real"
     assert max_diff_on_tokens(jax_logits(back, ids, mask), jax_logits(real, ids, mask), mask) <= TOL
-
-
-def _quartet_ulp(A: np.ndarray) -> np.ndarray:
-    """One float32 ulp of the largest magnitude in each entry's 2x2 quartet (A11, A12, A21, A22 at (i, j))."""
-    n, m = A.shape[0] // 2, A.shape[1] // 2
-    quartet = np.abs(np.stack([A[:n, :m], A[:n, m:], A[n:, :m], A[n:, m:]])).max(axis=0).astype(np.float32)
-    ulp = np.spacing(quartet)
-    return np.block([[ulp, ulp], [ulp, ulp]])
 
 
 def _pair_ratio_small(A: np.ndarray) -> np.ndarray:
@@ -148,7 +141,7 @@ def test_bf16_checkpoint_converts_back_exactly(tmp_path):
             continue
         exact = _pair_ratio_small(expected)
         np.testing.assert_array_equal(value[exact], expected[exact], err_msg=name)
-        assert np.all(np.abs(value - expected)[~exact] <= _quartet_ulp(expected)[~exact]), name
+        assert np.all(np.abs(value - expected)[~exact] <= quartet_ulp(expected)[~exact]), name
         outside += int((~exact).sum())
     assert outside == 4  # the planted pairs only
     recomposed = dict(iter_real_state(wide, np.float32))["model.layers.0.self_attn.q_proj.weight"]

@@ -153,3 +153,36 @@ def test_load_run_gives_the_trained_model(reference, monkeypatch):
     assert u_last.dtype == np.complex64 and not np.array_equal(np.asarray(u_last), np.asarray(u_earlier))
     with pytest.raises(ValueError, match=rf"no checkpoint 7 \(available: \[{STEPS - 4}, {STEPS - 2}, {STEPS}\]\)"):
         load_run(run_dir, step=7)
+
+
+def test_finished_run_exports_an_hf_dir_with_the_trained_logits(reference, monkeypatch, tmp_path):
+    """The run's own export (``<run_dir>/hf``, dequantized bf16) loads in transformers; the CLI exports the same
+    run as float32 dequantized (transformers) and as packed (ours) with the trained QAT model's logits."""
+    import torch
+    import transformers
+
+    from fairy2i_jax.export import main as export_main
+    from fairy2i_jax.hf.load import load_pretrained
+    from fairy2i_jax.training import load_run
+    from model_helpers import jax_logits, qat_logits
+
+    monkeypatch.chdir(ROOT)
+    run_dir = reference[0]
+    model, _, _ = load_run(run_dir)
+    ids = np.random.default_rng(0).integers(0, 256, size=(2, 24)).astype(np.int32)
+    mask = np.ones_like(ids)
+    want = qat_logits(model, ids, mask)
+
+    def hf_logits(path):
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        with torch.no_grad():
+            return hf(input_ids=torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
+
+    assert np.abs(hf_logits(run_dir / "hf") - want).max() <= 0.05  # bf16 embeddings and norms
+    assert export_main(["--from", str(run_dir), "--out", str(tmp_path / "f32"), "--dtype", "float32",
+                        "--no-progress"]) == 0
+    assert np.abs(hf_logits(tmp_path / "f32") - want).max() <= 1e-4
+    assert export_main(["--from", str(run_dir), "--out", str(tmp_path / "packed"), "--format", "packed",
+                        "--dtype", "float32", "--no-progress"]) == 0
+    packed = load_pretrained(tmp_path / "packed", compute_dtype=model.config.compute_dtype)
+    assert np.abs(jax_logits(packed, ids, mask) - want).max() <= 1e-4

@@ -1,8 +1,8 @@
 """The logic behind `eval.py`: models x quantization settings -> perplexity and lm-eval `acc`, one table.
 
     python eval.py --model PATH [--model PATH2 ...] --quant fp,w2,w1,binary,ternary --ppl-files a.txt.gz,b.txt \\
-        [--protocol official,contiguous] [--seqlen 2048] [--max-tokens N] [--tasks arc_easy,piqa [--limit N]] \\
-        [--json out.json]
+        [--ppl-datasets wikitext2,c4] [--protocol official,contiguous] [--seqlen 2048] [--max-tokens N] \\
+        [--tasks arc_easy,piqa [--limit N]] [--json out.json]
 
 Models: a HF directory (`config.json` + safetensors), a `.gguf` file, a hub id (downloaded when online), or a
 training run directory (`config.yaml`, see `load_run_dir`); the tokenizer comes from the same place.
@@ -13,15 +13,19 @@ unquantized) or a PTQ preset of `fairy2i_jax.convert` (`w1`..`w4`, `binary`, `te
 `:head-fp` suffix (`w2:head-fp`) only that setting's. A quantized model is evaluated with its weights
 quantized once (`freeze_weights`), then it runs like a real model.
 
-Perplexity (`fairy2i_jax.evaluation.perplexity`): `official` = the Fairy2i packed protocol over the file's
-documents (`--doc-split`, default paragraphs), reported with both denominators (the paper's, which counts the
-masked targets after EOS, and per scored token); `contiguous` = the whole file tokenized once, windows of
-`--seqlen` (`--stride` for overlapping ones). `--max-tokens` keeps the first N tokens (contiguous) or the
-first chunks holding at most N tokens (official; at least one chunk). Every model is compiled once per shape
-bucket (`jax_logits_fn`): `--seqlen`, plus powers of two up to `--max-length` when tasks run.
+Perplexity (`fairy2i_jax.evaluation.perplexity`) of every `--ppl-files` file and `--ppl-datasets` dataset
+(`fairy2i_jax.evaluation.ppl_datasets`: WikiText-2 test and two C4 validation shards from the HF hub, cut into
+documents as the official eval code does; network or the local HF cache needed): `official` = the Fairy2i
+packed protocol over the documents (of a file: `--doc-split`, default paragraphs), reported with both
+denominators (the paper's, which counts the masked targets after EOS, and per scored token); `contiguous` =
+the whole file (a dataset: its documents joined with "\\n\\n") tokenized once, windows of `--seqlen`
+(`--stride` for overlapping ones). `--max-tokens` keeps the first N tokens (contiguous) or the first chunks
+holding at most N tokens (official; at least one chunk). Every model is compiled once per shape bucket
+(`jax_logits_fn`): `--seqlen`, plus powers of two up to `--max-length` when tasks run.
 
-Errors a user can fix (a missing file, an empty text, an unknown task, an unusable model path) print one
-line on stderr and exit with code 2, before any model is loaded where possible.
+Errors a user can fix (a missing file, an empty text, an unknown task or dataset, a dataset that cannot be
+loaded, an unusable model path) print one line on stderr and exit with code 2, before any model is loaded
+where possible.
 """
 
 from __future__ import annotations
@@ -87,12 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-head-fp", action="store_true", help="keep the output head in full precision")
     p.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--ppl-files", default="", help="comma list of .txt/.txt.gz/.jsonl files")
+    p.add_argument("--ppl-datasets", default="",
+                   help="comma list of HF hub datasets: wikitext2 (wikitext-2-raw-v1 test, one document per "
+                   "line), c4 (allenai/c4 validation shards 0-1, one per record); downloaded on first use "
+                   "(needs network or the local HF cache)")
     p.add_argument("--protocol", default="official,contiguous", help="comma list of official, contiguous")
     p.add_argument("--doc-split", default="paragraph", choices=("paragraph", "line", "file"),
-                   help="what one document (item) of the official protocol is")
+                   help="what one document (item) of a --ppl-files file is in the official protocol")
     p.add_argument("--seqlen", type=int, default=2048, help="perplexity window / chunk length")
     p.add_argument("--stride", type=int, default=None, help="contiguous windows every N tokens (overlapping)")
-    p.add_argument("--max-tokens", type=int, default=None, help="cap the tokens evaluated per file (CPU)")
+    p.add_argument("--max-tokens", type=int, default=None, help="cap the tokens evaluated per file / dataset (CPU)")
     p.add_argument("--tasks", default="", help="comma list of lm-eval tasks (metric: acc)")
     p.add_argument("--tasks-include", default=None, help="directory of local lm-eval task YAMLs")
     p.add_argument("--no-builtin-tasks", action="store_true",
@@ -112,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 @dataclasses.dataclass
 class TextFile:
-    """A perplexity file: its documents (official items) and its whole text (contiguous)."""
+    """A perplexity input (a file or a dataset): its documents (official items) and its whole text (contiguous);
+    `path` names it in messages, `name` in the table."""
 
     path: str
     name: str
@@ -120,8 +129,9 @@ class TextFile:
     text: str
 
 
-def read_ppl_files(paths: list[str], doc_split: str) -> list[TextFile]:
-    """Every `--ppl-files` entry read once; EvalError for a missing, unreadable or empty file."""
+def read_ppl_files(paths: list[str], doc_split: str, reserved: set[str] = frozenset()) -> list[TextFile]:
+    """Every `--ppl-files` entry read once; EvalError for a missing, unreadable or empty file. A file is named
+    by its base name without extensions, or by its path when that name is shared or `reserved` (a dataset's)."""
     from fairy2i_jax.data import read_documents
 
     files, names = [], [os.path.basename(p).split(".")[0] for p in paths]
@@ -135,8 +145,42 @@ def read_ppl_files(paths: list[str], doc_split: str) -> list[TextFile]:
             raise EvalError(f"cannot read perplexity file {path!r}: {e}") from None
         if not items or not whole.strip():
             raise EvalError(f"perplexity file {path!r} holds no text (empty or whitespace only)")
-        files.append(TextFile(path, name if names.count(name) == 1 else path, items, whole))
+        unique = names.count(name) == 1 and name not in reserved
+        files.append(TextFile(path, name if unique else path, items, whole))
     return files
+
+
+def resolve_ppl_datasets(names: list[str]) -> list:
+    """The `PplDataset`s of the `--ppl-datasets` names (EvalError for an unknown one), nothing loaded yet."""
+    from fairy2i_jax.evaluation.ppl_datasets import PplDatasetError, resolve_ppl_datasets as resolve
+
+    try:
+        return resolve(names)
+    except PplDatasetError as e:
+        raise EvalError(str(e)) from None
+
+
+def read_ppl_datasets(specs: list) -> list[TextFile]:
+    """Every `PplDataset` loaded once (a note on stderr first: the first use downloads), its documents joined
+    with "\\n\\n" for the contiguous protocol as for files; EvalError when one cannot be loaded or is empty."""
+    from fairy2i_jax.evaluation.ppl_datasets import PplDatasetError, PplDatasetUnavailable, load_documents
+
+    out = []
+    for spec in specs:
+        print(f"[eval] loading dataset {spec.name}: {spec.source} (downloaded into the HF cache on first use)",
+              file=sys.stderr, flush=True)
+        try:
+            items = load_documents(spec)
+        except PplDatasetUnavailable as e:
+            raise EvalError(f"{e}; or evaluate a local copy of its text with --ppl-files") from None
+        except PplDatasetError as e:
+            raise EvalError(str(e)) from None
+        whole = "\n\n".join(items)
+        if not items or not whole.strip():
+            raise EvalError(f"perplexity dataset {spec.name!r} ({spec.source}) holds no text (empty or "
+                            "whitespace only)")
+        out.append(TextFile(f"{spec.name} ({spec.source})", spec.name, items, whole))
+    return out
 
 
 def resolve_task_manager(tasks: list[str], include: str | None, builtin: bool = True):
@@ -265,7 +309,7 @@ def perplexity_windows(file: TextFile, tokenizer, protocol: str, args) -> list:
 
 
 def perplexity_metrics(logits_fn, windows: dict, args, pad_id: int) -> dict:
-    """{file name: {protocol: numbers}} for the prepared `windows[(file, protocol)]`."""
+    """{file or dataset name: {protocol: numbers}} for the prepared `windows[(file, protocol)]`."""
     from fairy2i_jax.evaluation.perplexity import evaluate_perplexity
 
     out: dict = {}
@@ -307,13 +351,15 @@ def run(args) -> list[dict]:
         raise EvalError(f"unknown --protocol {args.protocol!r}; expected a comma list of {', '.join(PROTOCOLS)}")
     if args.seqlen < 2 or args.batch_size < 1 or (args.max_tokens is not None and args.max_tokens < 2):
         raise EvalError("--seqlen and --max-tokens must be >= 2, --batch-size >= 1")
-    files = read_ppl_files(_csv(args.ppl_files), args.doc_split)
+    datasets = resolve_ppl_datasets(_csv(args.ppl_datasets))
+    files = read_ppl_files(_csv(args.ppl_files), args.doc_split, reserved={d.name for d in datasets})
     tasks = _csv(args.tasks)
-    if not files and not tasks:
-        raise EvalError("nothing to evaluate: give --ppl-files and/or --tasks")
+    if not files and not datasets and not tasks:
+        raise EvalError("nothing to evaluate: give --ppl-files, --ppl-datasets and/or --tasks")
     for spec in args.model:
         check_model_spec(spec)
     manager = resolve_task_manager(tasks, args.tasks_include, not args.no_builtin_tasks)
+    files += read_ppl_datasets(datasets)  # last: the slow download comes after every cheap check
     buckets = sorted(set(([args.seqlen] if files else []) + (list(default_buckets(args.max_length, 64))
                                                                if tasks else [])))
     rows = []

@@ -6,6 +6,10 @@ nothing allocated), check the checkpoint's tensor names and shapes against the m
 ``jax.make_array_from_callback(shape, target NamedSharding, read_slice)``: every device shard reads only its own
 slice of one tensor from disk, so the model is never gathered on one host. Scanned layer params fill their
 leading ``layers`` axis from the per-layer tensors. Values are cast to the param dtype on the host.
+
+A directory exported in the ``packed`` format (``quantization_config.quant_method == "fairy2i"``) loads through
+:class:`~fairy2i_jax.hf.packed.PackedSource`: its phase-quantized linears are decoded from the 2-bit codes into
+their real ``A_q``, so the result is a real model with the logits of the trained QAT model.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from fairy2i_jax.hf.config_map import config_from_hf
 from fairy2i_jax.hf.keymap import hf_names, is_ignored
+from fairy2i_jax.hf.packed import PackedSource, read_quantization_config
 from fairy2i_jax.hf.safetensors_io import CheckpointError, SafetensorsCheckpoint
 from fairy2i_jax.models.config import ModelConfig
 from fairy2i_jax.models.llama import CausalLM, abstract_model
@@ -117,7 +122,11 @@ def open_checkpoint(path: Path) -> tuple[dict, TensorSource]:
         tensors = checkpoint.tensors
         return dict(checkpoint.config), MappingSource(tensors, getattr(tensors, "shape", None))
     hf = read_hf_config(path)
-    return hf, SafetensorsCheckpoint(path)
+    checkpoint = SafetensorsCheckpoint(path)
+    packed_modules = read_quantization_config(hf, str(path))
+    if packed_modules is None:
+        return hf, checkpoint
+    return hf, PackedSource(checkpoint, packed_modules, str(path))
 
 
 def _variables(model: nnx.Module):

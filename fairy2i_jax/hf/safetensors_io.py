@@ -1,4 +1,4 @@
-"""Reading HF safetensors checkpoints one tensor slice at a time, with validation and clear refusals.
+"""Reading and writing HF safetensors checkpoints one tensor (slice) at a time, with validation and clear refusals.
 
 A directory holds either ``model.safetensors`` or shards listed in ``model.safetensors.index.json``
 (``{"weight_map": {tensor name: file name}}``). Every file's header is validated before use: the 8-byte
@@ -12,18 +12,26 @@ type 'bfloat16' not understood`` for BF16 tensors, so BF16 tensors are read thro
 their byte range (offsets from the validated header), viewed as ``ml_dtypes.bfloat16``; indexing the memmap
 also reads only the requested bytes.
 
+Writing (:func:`write_sharded`): tensors are described up front by :class:`TensorPlan` (name, shape, dtype and
+a ``produce()`` callable), split greedily into shards of at most ``max_shard_bytes`` (HF's ``max_shard_size``,
+5 GB by default), and each file is written header first, then one tensor at a time as it is produced, so at
+most one tensor is in host memory. One shard is ``model.safetensors``; more are
+``model-0000k-of-0000N.safetensors`` plus ``model.safetensors.index.json``. The header carries ``__metadata__``
+(``{"format": "pt"}`` by default, what transformers expects) and is padded with spaces to a multiple of 8 bytes.
+
 Pickled weights (``pytorch_model.bin``, ``*.bin``, ``*.pt``, ``*.pth``, ``*.ckpt``) are never loaded: a
 directory with only those raises :class:`CheckpointError` asking for safetensors.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -37,7 +45,13 @@ SAFETENSORS_DTYPES = {
     "F32": np.dtype(np.float32),
     "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "U32": np.dtype(np.uint32),
+    "U8": np.dtype(np.uint8),
 }
+DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+MAX_SHARD_BYTES = 5_000_000_000  # HF's default max_shard_size, "5GB"
 MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
 
 
@@ -178,3 +192,106 @@ class SafetensorsCheckpoint:
 
     def close(self) -> None:
         self._handles.clear()
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorPlan:
+    """One tensor to write: HF ``name``, ``shape``, ``dtype``, and ``produce()`` -> its numpy array (called once,
+    when the tensor is written)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    produce: Callable[[], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        """``prod(shape) * itemsize``."""
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+
+def shard_plan(tensors: Sequence[TensorPlan], max_shard_bytes: int = MAX_SHARD_BYTES) -> list[list[TensorPlan]]:
+    """Split ``tensors`` in order into shards of at most ``max_shard_bytes`` (greedy: a tensor opens a new shard
+    when it would not fit; a tensor larger than the limit gets a shard of its own). Duplicate names raise."""
+    if max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    seen: set[str] = set()
+    shards: list[list[TensorPlan]] = []
+    size = 0
+    for t in tensors:
+        if t.name in seen:
+            raise ValueError(f"tensor {t.name!r} planned twice")
+        if np.dtype(t.dtype) not in DTYPE_NAMES:
+            raise ValueError(f"tensor {t.name!r}: dtype {np.dtype(t.dtype)} has no safetensors name")
+        seen.add(t.name)
+        if not shards or size + t.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def shard_file_names(count: int) -> list[str]:
+    """``["model.safetensors"]`` for one shard, else ``model-00001-of-0000N.safetensors`` ... (HF's names)."""
+    if count == 1:
+        return [SINGLE_FILE]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def _header_bytes(tensors: Sequence[TensorPlan], metadata: Mapping[str, str]) -> bytes:
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": DTYPE_NAMES[np.dtype(t.dtype)], "shape": list(t.shape),
+                          "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    return raw + b" " * (-len(raw) % 8)
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Sequence[TensorPlan],
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """Write one safetensors file: the header, then each tensor's bytes as ``produce()`` returns them (each is
+    checked against its planned shape and dtype: ``ValueError`` naming the tensor)."""
+    header = _header_bytes(tensors, metadata or {"format": "pt"})
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)))
+        f.write(header)
+        for t in tensors:
+            array = np.asarray(t.produce())
+            if tuple(array.shape) != tuple(t.shape) or array.dtype != np.dtype(t.dtype):
+                raise ValueError(f"tensor {t.name!r}: produced {array.dtype}{list(array.shape)}, planned "
+                                 f"{np.dtype(t.dtype)}{list(t.shape)}")
+            f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+
+
+def write_sharded(directory: str | os.PathLike, tensors: Sequence[TensorPlan],
+                  max_shard_bytes: int = MAX_SHARD_BYTES, metadata: Mapping[str, str] | None = None,
+                  on_tensor: Callable[[TensorPlan], None] | None = None) -> list[str]:
+    """Write ``tensors`` into ``directory`` as HF safetensors shards (+ index when more than one); returns the
+    file names. ``on_tensor(t)`` is called after each tensor is produced (progress bars)."""
+    directory = Path(directory)
+    shards = shard_plan(tensors, max_shard_bytes)
+    names = shard_file_names(len(shards))
+    for file_name, shard in zip(names, shards):
+        planned = shard if on_tensor is None else [dataclasses.replace(t, produce=_reporting(t, on_tensor))
+                                                  for t in shard]
+        write_safetensors(directory / file_name, planned, metadata)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)},
+                 "weight_map": {t.name: file_name for file_name, shard in zip(names, shards) for t in shard}}
+        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def _reporting(t: TensorPlan, on_tensor: Callable[[TensorPlan], None]) -> Callable[[], np.ndarray]:
+    def produce() -> np.ndarray:
+        array = t.produce()
+        on_tensor(t)
+        return array
+
+    return produce

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fairy2i_jax.packing import PackedWidelyLinear, pack_real_weight, pack_widely_linear
 from fairy2i_jax.quant import QuantSpec, quantize_real_weight, quantize_widely_linear
 from fairy2i_jax.widely_linear import from_widely_linear, to_widely_linear
 
@@ -109,6 +110,10 @@ def fake_quantize(A: jax.Array, spec: QuantSpec) -> jax.Array:
 def fake_quantize_masters(U: jax.Array, W: jax.Array, spec: QuantSpec) -> jax.Array:
     """``quantize_widely_linear(U, W, spec)`` (STE) jitted like :func:`fake_quantize`."""
     return quantize_widely_linear(U, W, spec)
+
+
+_pack_real = jax.jit(pack_real_weight, static_argnames="spec")
+_pack_masters = jax.jit(pack_widely_linear, static_argnames="spec")
 
 
 def realize_weight(spec: LinearSpec, master: jax.Array) -> jax.Array:
@@ -172,35 +177,66 @@ class Linear(nnx.Module):
 
     # -- weights ---------------------------------------------------------------------------------------------
 
-    def real_master(self) -> jax.Array:
-        """The unquantized real matrix ``[..., out, in]`` this layer stores (float32 for complex masters)."""
+    def stored_param(self, name: str, layer: int | None) -> jax.Array:
+        """Param ``name`` (``kernel`` / ``U`` / ``W``), or its slice ``layer`` of a stacked (scanned) layer."""
+        value = getattr(self, name).get_value()
+        return value if layer is None else value[layer]
+
+    def real_master(self, layer: int | None = None) -> jax.Array:
+        """The unquantized real matrix ``[..., out, in]`` this layer stores (float32 for complex masters);
+        ``layer``: one layer of a stacked (scanned) param."""
         if self.tied:
             raise ValueError("a tied head stores no weight: its master is the embedding table")
         if self.spec.complex_masters:
-            return from_widely_linear(self.U.get_value(), self.W.get_value())
-        return self.kernel.get_value()
+            return from_widely_linear(self.stored_param("U", layer), self.stored_param("W", layer))
+        return self.stored_param("kernel", layer)
 
-    def effective_weight(self, master: jax.Array | None = None) -> jax.Array:
-        """The real matrix ``[..., out, in]`` the forward multiplies by, in the compute dtype.
+    def quantized_weight(self, master: jax.Array | None = None, layer: int | None = None) -> jax.Array:
+        """The real matrix ``[..., out, in]`` the forward multiplies by, before the cast to the compute dtype.
 
-        ``real``: kernel; ``widely_linear``: ``from_widely_linear(U, W)`` (float32, then cast); ``qat``: the
-        fake-quantized matrix with the STE (module docstring). Tied heads need ``master`` (the embedding table).
+        ``real``: kernel; ``widely_linear``: ``from_widely_linear(U, W)`` (float32); ``qat``: the fake-quantized
+        matrix with the STE (module docstring; its values are exact in the quantizer's working dtype). Tied heads
+        need ``master`` (the embedding table). ``layer``: one layer of a stacked (scanned) param.
         """
         if self.tied:
             if master is None:
                 raise ValueError("a tied head needs master= (the embedding table) to form its weight")
-            weight = realize_weight(self.spec, master)
-        elif self.spec.kind == "qat" and self.spec.complex_masters:
-            U, W = self.U.get_value(), self.W.get_value()
+            return realize_weight(self.spec, master)
+        if self.spec.kind == "qat" and self.spec.complex_masters:
+            U, W = self.stored_param("U", layer), self.stored_param("W", layer)
             if self.spec.quant.numerics == "bf16_exact":
-                weight = fake_quantize(from_widely_linear(U, W), self.spec.quant)
-            else:
-                weight = fake_quantize_masters(U, W, self.spec.quant)
-        elif self.spec.kind == "qat":
-            weight = fake_quantize(self.kernel.get_value(), self.spec.quant)
-        else:
-            weight = self.real_master()
-        return weight.astype(self.compute_dtype)
+                return fake_quantize(from_widely_linear(U, W), self.spec.quant)
+            return fake_quantize_masters(U, W, self.spec.quant)
+        if self.spec.kind == "qat":
+            return fake_quantize(self.stored_param("kernel", layer), self.spec.quant)
+        return self.real_master(layer)
+
+    @property
+    def phase_quantized(self) -> bool:
+        """True for a ``qat`` layer of the Fairy2i phase quantizer (the layers with 2-bit codes)."""
+        return self.spec.kind == "qat" and self.spec.quant.method == "complex_phase"
+
+    def packed(self, master: jax.Array | None = None, layer: int | None = None) -> PackedWidelyLinear:
+        """The codes and scales of :meth:`quantized_weight` (phase-quantized layers only), formed from the same
+        planes: ``unpack_to_real(packed())`` equals ``quantized_weight()`` bit for bit in the working dtype.
+
+        ``bf16_exact`` (and tied heads): ``pack_real_weight(real master)``; ``fp32``: ``pack_widely_linear(U, W)``.
+        """
+        if not self.phase_quantized:
+            raise ValueError(f"only phase-quantized (qat complex_phase) layers have codes, this one is {self.spec}")
+        spec = self.spec.quant
+        if self.tied:
+            if master is None:
+                raise ValueError("a tied head needs master= (the embedding table) to form its codes")
+            return _pack_real(master, spec=spec)
+        U, W = self.stored_param("U", layer), self.stored_param("W", layer)
+        if spec.numerics == "bf16_exact":
+            return _pack_real(from_widely_linear(U, W), spec=spec)
+        return _pack_masters(U, W, spec=spec)
+
+    def effective_weight(self, master: jax.Array | None = None) -> jax.Array:
+        """:meth:`quantized_weight` in the compute dtype: what ``__call__`` multiplies by."""
+        return self.quantized_weight(master).astype(self.compute_dtype)
 
     # -- forward ---------------------------------------------------------------------------------------------
 

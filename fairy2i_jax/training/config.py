@@ -218,6 +218,26 @@ class EvalSection:
         _check(self.ppl_seq_len >= 2 and self.ppl_batch >= 1, "eval.ppl_seq_len must be >= 2 and ppl_batch >= 1")
 
 
+EXPORT_FORMATS = ("dequantized", "master", "packed", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSection:
+    """The HF directory written at the end of a run (:mod:`fairy2i_jax.hf.export`); ``format: none`` = off.
+
+    ``dtype``: ``default`` (bfloat16 for dequantized / packed, float32 for master), or float32 / bfloat16 /
+    float16; ``dir``: default ``<run_dir>/hf`` (replaced by the next export of the same run).
+    """
+
+    format: str = "dequantized"
+    dtype: str = "default"
+    dir: str = ""
+
+    def __post_init__(self):
+        _one_of("export", "format", self.format, EXPORT_FORMATS)
+        _one_of("export", "dtype", self.dtype, ("default", *DTYPES))
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything one training run needs (one section per dataclass above)."""
@@ -230,8 +250,12 @@ class TrainConfig:
     distill: DistillSection = dataclasses.field(default_factory=DistillSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+    export: ExportSection = dataclasses.field(default_factory=ExportSection)
 
     def __post_init__(self):
+        if self.export.format == "packed" and self.quant.preset in ("binary", "ternary", "fp", "none"):
+            raise ValueError(f"export.format packed holds Fairy2i phase codes; quant.preset {self.quant.preset} "
+                             "has none (use export.format=dequantized)")
         if self.data.global_batch % self.train.grad_accum:
             raise ValueError(f"data.global_batch {self.data.global_batch} is not a multiple of train.grad_accum "
                              f"{self.train.grad_accum}")
@@ -241,7 +265,7 @@ class TrainConfig:
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
                      "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "train.run_dir",
                      "mesh.data", "mesh.fsdp", "mesh.tensor", "eval.ppl_max_tokens", "eval.ppl_seq_len",
-                     "eval.ppl_batch", "eval.ppl_before")
+                     "eval.ppl_batch", "eval.ppl_before", "export.format", "export.dtype", "export.dir")
 
 
 def load_train_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> TrainConfig:

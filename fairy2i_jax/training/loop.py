@@ -13,7 +13,8 @@
    ``checkpoint_every`` steps. A non-finite loss or gradient stops the run with :class:`TrainingDiverged`
    (the update was skipped and nothing is saved, so the last good checkpoint stays the latest).
 4. SIGTERM / SIGINT: the current step finishes, a checkpoint is saved, :func:`run` returns normally.
-5. At the end: a checkpoint, the held-out loss, the QAT perplexity, and where everything is.
+5. At the end: a checkpoint, the held-out loss, the QAT perplexity, the HF export (``export.format``, into
+   ``export.dir`` or ``<run_dir>/hf``, see :mod:`fairy2i_jax.hf.export`), and where everything is.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class RunResult:
     interrupted: bool = False
     ppl: dict[str, float] = dataclasses.field(default_factory=dict)
     eval_loss: float | None = None
+    export_dir: Path | None = None
 
 
 class StopFlag:
@@ -294,8 +296,30 @@ def run(cfg: TrainConfig) -> RunResult:
         result.ppl["trained"] = qat
         say(f"perplexity after training ({cfg.quant.preset}, data.test): {qat:.3f}")
     say(f"run directory: {run_dir} (config.yaml, metrics.jsonl, tensorboard/, checkpoints/{step})")
-    say("export to a HF directory: not available yet (issue [E]); the checkpoint holds the complex masters")
+    result.export_dir = export_run(layout.merge(state["params"]), cfg, run_dir, say)
     return result
+
+
+def export_run(model, cfg: TrainConfig, run_dir: Path, say) -> Path | None:
+    """Export the trained model as ``export.format`` into ``export.dir`` (default ``<run_dir>/hf``); an earlier
+    export there is replaced, any other non-empty directory refused. None when off or multi-process (then
+    ``python -m fairy2i_jax.export``)."""
+    from fairy2i_jax.hf.export import export_model, is_export_dir
+
+    e = cfg.export
+    if e.format == "none":
+        return None
+    if jax.process_count() > 1:
+        say(f"HF export skipped in a multi-process run: python -m fairy2i_jax.export --from {run_dir} --out DIR")
+        return None
+    out = Path(e.dir).absolute() if e.dir else run_dir / "hf"
+    source = None if cfg.model.path == setup.TINY_RANDOM else setup.resolve_model_path(cfg.model.path)
+    result = export_model(model, out, e.format, dtype=None if e.dtype == "default" else e.dtype,
+                          tokenizer_from=source, overwrite=is_export_dir(out), protected=[run_dir / "checkpoints"],
+                          progress=cfg.train.progress)
+    loads = "transformers.AutoModelForCausalLM" if e.format != "packed" else "fairy2i_jax.load_pretrained"
+    say(f"HF export ({e.format}, {result.size.total_bytes / 1e6:.1f} MB): {result.path} (loads with {loads})")
+    return result.path
 
 
 def _copy(state: Any) -> Any:
