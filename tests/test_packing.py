@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fairy2i_jax import packing
-from fairy2i_jax.quant import QuantSpec, quantize_widely_linear
+from fairy2i_jax.quant import QuantSpec, quantize_real_weight, quantize_widely_linear
 
 
 def random_codes(rng, shape):
@@ -87,6 +87,22 @@ def test_unpacked_layer_equals_the_fake_quantizer(stages, numerics):
     assert A_q.shape == (2, 12, 66)
     assert_bits_equal(A_q, quantize_widely_linear(U, W, spec))
     assert packing.unpack_to_real(packed, jnp.float32).dtype == jnp.float32
+
+
+@pytest.mark.parametrize("numerics", ["bf16_exact", "fp32"])
+def test_packed_real_weight_equals_quantize_real_weight(numerics):
+    """``pack_real_weight`` forms the planes as the quantizer does (bf16 arithmetic for bf16_exact), so unpacking
+    gives ``quantize_real_weight`` bit for bit, for a float32 matrix that is not bf16-representable."""
+    A = jnp.asarray(np.random.default_rng(9).standard_normal((2, 24, 70)), jnp.float32)
+    for granularity in ("tensor", "row"):
+        spec = QuantSpec(stages=2, numerics=numerics, granularity=granularity)
+        packed = packing.pack_real_weight(A, spec)
+        assert (packed.n, packed.m) == (12, 35)
+        assert_bits_equal(packing.unpack_to_real(packed), quantize_real_weight(A, spec=spec).astype(spec.work_dtype))
+    with pytest.raises(ValueError, match="needs method='complex_phase'"):
+        packing.pack_real_weight(A, QuantSpec("binary"))
+    with pytest.raises(ValueError, match="odd"):
+        packing.pack_real_weight(A[..., :69], QuantSpec())
 
 
 def test_row_and_group_scales_pack_too():

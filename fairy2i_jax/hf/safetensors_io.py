@@ -179,6 +179,8 @@ class SafetensorsCheckpoint:
         info = self.tensors[name]
         if not index:
             index = tuple(slice(None) for _ in info.shape)
+        if math.prod(info.shape) == 0:  # safetensors cannot slice an empty tensor
+            return np.zeros(info.shape, SAFETENSORS_DTYPES[info.dtype])[index]
         if info.dtype == "BF16":
             view = np.memmap(info.file, dtype=SAFETENSORS_DTYPES["BF16"], mode="r", offset=info.offset,
                              shape=info.shape)

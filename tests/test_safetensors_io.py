@@ -1,0 +1,80 @@
+"""The streaming safetensors writer: files that the safetensors library and our reader read back, shard plans,
+and refusals. (Reading and its refusals are tested with whole checkpoints in test_hf_import.py.)"""
+
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from fairy2i_jax.hf.safetensors_io import (
+    SafetensorsCheckpoint,
+    TensorPlan,
+    read_header,
+    shard_file_names,
+    shard_plan,
+    write_safetensors,
+    write_sharded,
+)
+
+
+def _plan(name, array):
+    return TensorPlan(name, array.shape, array.dtype, lambda: array)
+
+
+def _arrays():
+    rng = np.random.default_rng(0)
+    return {
+        "a.weight": rng.standard_normal((3, 5)).astype(np.float32),
+        "b.weight": rng.standard_normal((4, 2)).astype(ml_dtypes.bfloat16),
+        "c.codes": rng.integers(0, 2**32, size=(2, 3, 1), dtype=np.uint32),
+        "d.scalar": np.asarray(1.5, np.float32),
+        "e.empty": np.zeros((0, 4), np.float32),
+    }
+
+
+def test_written_file_reads_back_with_the_safetensors_library(tmp_path):
+    arrays = _arrays()
+    path = tmp_path / "model.safetensors"
+    write_safetensors(path, [_plan(k, v) for k, v in arrays.items()])
+    with safe_open(str(path), framework="numpy") as f:
+        assert f.metadata() == {"format": "pt"}
+        for name in ("a.weight", "c.codes", "d.scalar", "e.empty"):
+            np.testing.assert_array_equal(f.get_tensor(name), arrays[name])
+    header_len = int.from_bytes(path.read_bytes()[:8], "little")
+    assert header_len % 8 == 0
+    assert set(read_header(path)) == set(arrays)
+    reader = SafetensorsCheckpoint(tmp_path)
+    assert reader.read("b.weight").tobytes() == arrays["b.weight"].tobytes()  # BF16 through our reader
+
+
+def test_shards_and_index(tmp_path):
+    arrays = _arrays()
+    plans = [_plan(k, v) for k, v in arrays.items()]
+    reported = []
+    files = write_sharded(tmp_path, plans, max_shard_bytes=60, on_tensor=lambda t: reported.append(t.name))
+    assert reported == list(arrays)
+    assert files == shard_file_names(2)  # [a: 60 B] [b: 16, c: 24, d: 4, e: 0 B]
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(v.nbytes for v in arrays.values())
+    reader = SafetensorsCheckpoint(tmp_path)
+    for name, value in arrays.items():
+        assert reader.read(name).tobytes() == value.tobytes(), name
+
+
+def test_shard_plan_rules():
+    big, small = np.zeros(100, np.float32), np.zeros(10, np.float32)
+    shards = shard_plan([_plan("s1", small), _plan("big", big), _plan("s2", small)], max_shard_bytes=200)
+    assert [[t.name for t in s] for s in shards] == [["s1"], ["big"], ["s2"]]  # an oversized tensor stands alone
+    with pytest.raises(ValueError, match="'s1' planned twice"):
+        shard_plan([_plan("s1", small), _plan("s1", small)])
+    with pytest.raises(ValueError, match="no safetensors name"):
+        shard_plan([_plan("c", np.zeros(2, np.complex64))])
+    assert shard_file_names(1) == ["model.safetensors"]
+
+
+def test_a_tensor_that_does_not_match_its_plan_is_refused(tmp_path):
+    plan = TensorPlan("w", (2, 2), np.dtype(np.float32), lambda: np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match=r"tensor 'w': produced float32\[2, 3\], planned float32\[2, 2\]"):
+        write_safetensors(tmp_path / "x.safetensors", [plan])
