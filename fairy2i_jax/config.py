@@ -5,6 +5,9 @@ One generic loader for any tree of frozen dataclasses:
 * ``load_config(cls, path=None, overrides=())`` reads the YAML file (a mapping, sections nested like the
   dataclasses), applies ``a.b.c=value`` overrides (values parsed as YAML scalars: ``3``, ``3e-5``, ``true``,
   ``[0.9, 0.95]``, ``null``), and builds ``cls``.
+* A file may start from another: ``base: other.yaml`` (relative to the file) is read first and the file's own
+  values are merged over it, section by section (how ``configs/smollm2_135m_w2_gpu.yaml`` switches the default
+  run to a GPU budget).
 * An unknown key (in the file or an override) raises :class:`ConfigError` listing the valid keys at that level;
   a value of the wrong type raises :class:`ConfigError` naming the key, the value and the expected type.
 * ``to_dict(cfg)`` gives the resolved config back as plain data (for checkpoints and logs).
@@ -135,20 +138,47 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+BASE_KEY = "base"
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    """``base`` updated by ``top``, recursively for nested mappings (``top`` wins; lists are replaced)."""
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """The mapping of the YAML config at ``path``. A top-level ``base: other.yaml`` (relative to this file) is
+    read first and this file's values are merged over it (:func:`deep_merge`), recursively."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    if path.resolve() in _seen:
+        raise ConfigError(f"config file {str(path)!r}: 'base' chain loops back to itself")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    data = dict(loaded or {})
+    base = data.pop(BASE_KEY, None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {str(path)!r}: 'base' must be a file name, got {base!r}")
+    return deep_merge(read_yaml_config(path.parent / base, (*_seen, path.resolve())), data)
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
-    """Build config ``cls`` from the YAML file at ``path`` (optional) plus ``key=value`` overrides."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
-        data = loaded or {}
+    """Build config ``cls`` from the YAML file at ``path`` (optional; see :func:`read_yaml_config` for
+    ``base:``) plus ``key=value`` overrides."""
+    data: dict = read_yaml_config(path) if path is not None else {}
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(data, key, value)

@@ -66,3 +66,31 @@ def test_parse_override_scalars():
     assert load_config(Run, None, ["optimizer.lr=3e-5"]).optimizer.lr == 3e-5
     assert parse_override("x=true") == ("x", True)
     assert parse_override("x=[1, 2]") == ("x", [1, 2])
+
+
+def test_base_file_is_merged_under_the_file_and_overrides(tmp_path):
+    (tmp_path / "base.yaml").write_text("name: base\nsteps: 5\noptimizer:\n  lr: 1e-4\n  coordinates: complex\n")
+    (tmp_path / "gpu.yaml").write_text("base: base.yaml\nsteps: 500\noptimizer:\n  lr: 2e-4\n")
+    cfg = load_config(Run, tmp_path / "gpu.yaml", ["name=gpu"])
+    assert cfg == Run(name="gpu", steps=500, optimizer=Optim(lr=2e-4, coordinates="complex"))
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(Run, tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml' does not exist"):
+        load_config(Run, tmp_path / "orphan.yaml")
+
+
+def test_the_gpu_config_is_the_default_with_a_gpu_budget():
+    from pathlib import Path
+
+    from fairy2i_jax.training.config import load_train_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    default, gpu = load_train_config(configs / "smollm2_135m_w2.yaml"), load_train_config(configs / "smollm2_135m_w2_gpu.yaml")
+    assert gpu.model == default.model
+    assert gpu.quant == default.quant and gpu.data.train == default.data.train
+    def tokens(c):
+        return c.train.steps * c.data.global_batch * c.data.seq_len
+
+    assert tokens(gpu) > 10 * tokens(default) and gpu.eval.ppl_max_tokens > default.eval.ppl_max_tokens

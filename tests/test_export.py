@@ -25,7 +25,7 @@ from model_helpers import batch, checkpoint, jax_logits, max_diff_on_tokens, qat
 from official_torch import official_fake_quant
 
 TOL = 1e-4
-BF16_TOL = 0.05  # measured max 0.012 (embeddings / norms rounded to bf16; A_q exact)
+BF16_TOL = 0.01  # measured 0.0017 (llama_tied), 0.0023 (qwen2), logits up to 0.9: embeddings / norms rounded
 FAMILIES = ("llama_tied", "qwen2")  # tied embeddings; q/k/v biases
 
 
@@ -68,7 +68,7 @@ def test_dequantized_float32_loads_in_transformers_with_the_qat_logits(w2, tmp_p
 
 def test_dequantized_bfloat16_tolerance(w2, tmp_path):
     """bf16 export of an fp32 model: the quantized weights are exact in bf16 (bf16_exact numerics), the
-    embeddings and norms are rounded; measured max |logit diff| 0.012 here, asserted <= BF16_TOL."""
+    embeddings and norms are rounded; measured max |logit diff| 0.0017 / 0.0023, asserted <= BF16_TOL."""
     family, model, want = w2
     ids, mask = batch()
     export_model(model, tmp_path / "hf", "dequantized", dtype="bfloat16", progress=False)
