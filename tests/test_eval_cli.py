@@ -174,9 +174,15 @@ def test_training_run_dir(tmp_path, capsys):
     run_dir = tmp_path / "run"
     cfg = load_train_config(os.path.join(REPO, "configs", "debug.yaml"), [
         f"train.run_dir={run_dir}", "train.steps=1", "train.checkpoint_every=1", "data.eval=[]",
-        "train.eval_batches=0"])
+        "train.eval_batches=0", "export.format=none", "eval.ppl_max_tokens=256", "eval.ppl_seq_len=128"])
     assert cfg.quant.preset == "w2" and cfg.quant.numerics == "bf16_exact"
-    run(cfg)
+    capsys.readouterr()
+    result = run(cfg)
+    printed = capsys.readouterr().out  # the run's own perplexity reports (official protocol on data.test)
+    for name in ("fp", "ptq"):
+        assert f"perplexity before training ({name}, data.test" in printed
+        assert np.isfinite(result.ppl[name])
+    assert f"perplexity after training (w2, data.test): {result.ppl['trained']:.3f}" in printed
     text = tmp_path / "austen.txt"
     text.write_text("\n\n".join(austen_sentences(60)), encoding="utf-8")
     out = tmp_path / "run.json"

@@ -67,7 +67,9 @@ def test_config_errors_name_the_key(override, message):
 
 
 def _debug(tmp_path, *overrides):
-    return load_train_config(CONFIGS / "debug.yaml", [f"train.run_dir={tmp_path / 'run'}", *overrides])
+    """The debug config in ``tmp_path`` without the final export (tested in test_train_resume)."""
+    return load_train_config(CONFIGS / "debug.yaml", [f"train.run_dir={tmp_path / 'run'}", "export.format=none",
+                                                      *overrides])
 
 
 def test_empty_corpus_is_a_clear_error(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["train.steps=3", "train.checkpoint_every=0", "train.eval_batches=1", "data.global_batch=16",
-        "train.grad_accum=1", "mesh.data=-1", "mesh.fsdp=1"]
+        "train.grad_accum=1", "mesh.data=-1", "mesh.fsdp=1", "export.format=none"]
 
 
 def _free_port() -> int:
