@@ -68,8 +68,10 @@ def load_source(args) -> tuple[object, object, list[Path]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fairy2i_jax.export", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m fairy2i_jax.export", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Export a training run or an HF checkpoint as an HF directory (dequantized, master or packed).",
+        epilog="examples:\n" + __doc__.split("\n\n")[1])
     p.add_argument("--from", dest="source", required=True, help="run dir, HF dir, .gguf file or hub id")
     p.add_argument("--out", required=True, help="output HF directory (must not exist or be empty)")
     p.add_argument("--format", default="dequantized", choices=FORMATS)
