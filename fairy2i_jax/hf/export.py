@@ -38,7 +38,6 @@ import dataclasses
 import functools
 import json
 import os
-import re
 import shutil
 import uuid
 from pathlib import Path
@@ -174,7 +173,8 @@ def _other_plans(model: CausalLM, dtype: np.dtype) -> Iterator[TensorPlan]:
 
 
 def _natural_key(name: str) -> tuple:
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[.]", name))
+    """Sort key of an HF name: dot-separated parts, numbers compared as numbers (layer 2 before layer 10)."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
 
 
 def tensor_plans(model: CausalLM, fmt: str, dtype: Any = None) -> list[TensorPlan]:

@@ -56,7 +56,8 @@ from fairy2i_jax.widely_linear import from_widely_linear, to_widely_linear
 LINEAR_KINDS = ("real", "widely_linear", "qat", "packed")
 PACKED_NOT_AVAILABLE = (
     "the packed linear kind is not available yet: packed kernels arrive with issue [F]; use kind='qat' "
-    "(fake-quantized weights, same numbers) until then"
+    "(fake-quantized weights, same numbers) until then. Packed exports (python -m fairy2i_jax.export --format "
+    "packed) already load with load_pretrained, decoded to real weights"
 )
 MASTER_DTYPE = jnp.complex64  # complex masters (no bf16 complex dtype exists in JAX)
 
@@ -145,8 +146,6 @@ class Linear(nnx.Module):
         init_std: float = 0.02,
         rngs: nnx.Rngs,
     ):
-        if spec.kind == "packed":  # unreachable through LinearSpec, kept for specs built by other means
-            raise NotImplementedError(PACKED_NOT_AVAILABLE)
         if spec.needs_even_dims and (in_features % 2 or out_features % 2):
             raise ValueError(
                 f"linear kind {spec.kind!r} needs even dims, got out={out_features}, in={in_features}; "
