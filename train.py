@@ -55,19 +55,14 @@ def init_distributed(args) -> None:
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     init_distributed(args)
-    from fairy2i_jax.config import ConfigError
-    from fairy2i_jax.hf.safetensors_io import CheckpointError
-    from fairy2i_jax.training import CheckpointCorruptError, TrainingDiverged, load_train_config, run
+    from fairy2i_jax.errors import Fairy2iError
+    from fairy2i_jax.training import load_train_config, run
 
     try:
-        cfg = load_train_config(args.config, args.overrides)
-        run(cfg)
-    except ConfigError as e:
-        print(f"error: config: {e}", file=sys.stderr)
-        return 2
-    except (CheckpointCorruptError, CheckpointError, TrainingDiverged, ValueError) as e:
+        run(load_train_config(args.config, args.overrides))
+    except Fairy2iError as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

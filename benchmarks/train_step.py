@@ -58,7 +58,7 @@ def time_step(model, mesh, batch: int, seq: int, grad_accum: int, repeats: int) 
     tx, schedule = make_optimizer(opt, 100)
     layout = ParamLayout(model)
     state, shardings = init_state(layout, model, tx, "real", 0, mesh)
-    n_params = param_count(state["params"])
+    n_params = param_count(state.params)
     step = jit_train_step(make_train_step(layout, tx, schedule, coordinates="real", grad_accum=grad_accum,
                                           distill=DistillSection(), mesh=mesh), shardings, mesh, (batch, seq))
     key = jax.random.key(1)

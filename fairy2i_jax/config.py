@@ -26,10 +26,12 @@ from typing import Any, Iterable, TypeVar
 
 import yaml
 
+from fairy2i_jax.errors import Fairy2iError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(Fairy2iError, ValueError):
     """A config file or override that does not fit the config schema."""
 
 
@@ -67,7 +69,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
-            raise ConfigError(f"config key {key!r}: value {value!r} is not one of {list(allowed)}")
+            raise ConfigError(f"{key} = {value!r} is not one of {list(allowed)}")
         return value
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
@@ -108,6 +110,25 @@ def _build(cls: type[T], data: dict, prefix: str = "") -> T:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"invalid config {'section ' + repr(prefix) if prefix else ''}: {e}") from e
+
+
+def build_section(cls: type[T], data: dict, prefix: str = "") -> T:
+    """One config section (or a whole config) ``cls`` from plain ``data``, checked like :func:`load_config`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section {prefix or cls.__name__!r} must be a mapping, got {data!r}")
+    return _build(cls, data, prefix)
+
+
+def check_choices(section: Any, name: str) -> None:
+    """``ValueError`` naming ``<name>.<field>`` for any field of the dataclass ``section`` whose value is not in
+    its ``Literal[...]`` annotation: the one check behind every list of allowed values in a config section
+    (the lists themselves live with the code that owns them)."""
+    for field, tp in _field_types(type(section)).items():
+        if typing.get_origin(tp) is typing.Literal:
+            allowed = typing.get_args(tp)
+            value = getattr(section, field)
+            if value not in allowed:
+                raise ValueError(f"{name}.{field} = {value!r} is not one of {list(allowed)}")
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

@@ -1,6 +1,8 @@
-"""Model surgery: real <-> widely-linear / QAT linears (PTQ = :func:`convert` with no training).
+"""Model surgery: real <-> widely-linear / QAT linears (PTQ = :func:`convert` with no training), frozen and teacher
+weights, and the one walk over a model's variables.
 
-``convert(model, quant)`` builds a new :class:`CausalLM` whose linears have the kinds ``quant`` asks for:
+``convert(model, quant)`` builds a new :class:`CausalLM` whose linears follow the preset ``quant``, one row of
+:data:`PRESETS` (the one table of presets: adding a preset is adding a row):
 
 ============  ==============================================================================
 ``w1``..``w4``  ``qat`` complex_phase with 1..4 residual stages (``w2`` = Fairy2i-W2)
@@ -14,48 +16,111 @@ default, as the official W2); embeddings and norms never. ``rules`` is an ordere
 matched with ``re.search`` against HF module names (``model.layers.3.self_attn.q_proj``, ``lm_head``); the
 first match wins; ``action`` is ``"skip"`` (keep real), ``{"stages": k}`` (the preset's method with k stages)
 or a :class:`QuantSpec`. A linear with an odd ``out`` or ``in`` dim has no widely-linear form: it stays real
-and a note is logged.
+and a note is logged. :class:`QuantSection` is the same choice as a config section (``train.py``'s ``quant:``).
 
 Arithmetic. Complex masters are computed per tensor under ``jax.jit`` with the target sharding as
 ``U = (A11 + A22)/2 + i (A21 - A12)/2``, ``W = (A11 - A22)/2 + i (A12 + A21)/2`` in float32 (one rounding of
 the exact result, the same as computing in float64 and rounding, while the quartet's magnitudes differ by less
-than 2^16 / 2^29 for bf16 / fp32 weights). Masters already complex are copied, never recomposed. Going back
-to real (:func:`to_real_state`, for export) recomposes in float64 numpy on the host, one tensor at a time.
+than 2^16 / 2^29 for bf16 / fp32 weights). Masters already complex are copied, never recomposed. The float64
+host path used by export lives with the exporter (:func:`fairy2i_jax.hf.export.iter_real_state`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fairy2i_jax.models.linear import MASTER_DTYPE, REAL, Linear, LinearSpec
+from fairy2i_jax.config import check_choices
+from fairy2i_jax.models.linear import MASTER_DTYPE, REAL, Linear, LinearSpec, LinearWeight
 from fairy2i_jax.models.llama import LM_HEAD, CausalLM, abstract_model
-from fairy2i_jax.quant import QuantSpec
+from fairy2i_jax.quant import Numerics, QuantSpec
 from fairy2i_jax.sharding import variable_sharding
 from fairy2i_jax.widely_linear import from_widely_linear, to_widely_linear
 
 logger = logging.getLogger(__name__)
 
-QUANT_PRESETS = ("w1", "w2", "w3", "w4", "binary", "ternary", "fp", "none")
+Path = tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """One quantization preset: what it is, and its :class:`LinearSpec` for ``(numerics, stages override)``."""
+
+    description: str
+    build: Callable[[str, int | None], LinearSpec]
+
+
+def _phase(stages: int) -> Preset:
+    return Preset(f"Fairy2i phase codes, {stages} residual stage(s) ({stages} bit(s) per real weight)",
+                  lambda numerics, k: LinearSpec("qat", QuantSpec("complex_phase", k or stages, numerics)))
+
+
+def _real_baseline(method: str, description: str) -> Preset:
+    return Preset(description, lambda numerics, k: LinearSpec("qat", QuantSpec(method, k, numerics)))
+
+
+def _fixed(spec: LinearSpec, description: str) -> Preset:
+    def build(numerics: str, stages: int | None) -> LinearSpec:
+        if stages is not None:
+            raise ValueError(f"a {{'stages': {stages}}} rule needs a quantized preset, not {spec.kind!r}")
+        return spec
+
+    return Preset(description, build)
+
+
+PRESETS: dict[str, Preset] = {
+    "w1": _phase(1),
+    "w2": _phase(2),
+    "w3": _phase(3),
+    "w4": _phase(4),
+    "binary": _real_baseline("binary", "real binary baseline (official bitnet: mean|w| * sign(w - mean w))"),
+    "ternary": _real_baseline("ternary", "real ternary baseline (BitNet b1.58 absmean)"),
+    "fp": _fixed(LinearSpec("widely_linear"), "widely-linear, unquantized complex masters (exact)"),
+    "none": _fixed(REAL, "real linears (masters recomposed)"),
+}
+QUANT_PRESETS: tuple[str, ...] = tuple(PRESETS)
+QuantPreset = Literal[QUANT_PRESETS]  # the config type of a preset name, derived from the table
 
 
 def preset_spec(quant: str, numerics: str = "bf16_exact", stages: int | None = None) -> LinearSpec:
-    """The :class:`LinearSpec` of a ``quant`` preset (table in the module docstring)."""
-    if quant not in QUANT_PRESETS:
+    """The :class:`LinearSpec` of preset ``quant`` (:data:`PRESETS`), optionally with ``stages`` residual stages."""
+    if quant not in PRESETS:
         raise ValueError(f"unknown quant preset {quant!r}; expected one of {', '.join(QUANT_PRESETS)}")
-    if quant in ("fp", "none"):
-        if stages is not None:
-            raise ValueError(f"a {{'stages': {stages}}} rule needs a quantized preset, not {quant!r}")
-        return LinearSpec("widely_linear") if quant == "fp" else REAL
-    if quant in ("binary", "ternary"):
-        return LinearSpec("qat", QuantSpec(quant, stages, numerics))
-    return LinearSpec("qat", QuantSpec("complex_phase", stages or int(quant[1]), numerics))
+    return PRESETS[quant].build(numerics, stages)
+
+
+def quantized_presets() -> tuple[str, ...]:
+    """The presets whose linears are quantized (every row but ``fp`` and ``none``)."""
+    return tuple(name for name in PRESETS if preset_spec(name).quantized)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSection:
+    """Which linears are quantized and how (the ``quant:`` section of a training config; see :func:`convert`)."""
+
+    preset: QuantPreset = "w2"
+    numerics: Numerics = "bf16_exact"
+    lm_head: bool = True  # quantize the output head too (official W2)
+    skip: tuple[str, ...] = ()  # regexes of HF module names kept real
+
+    def __post_init__(self):
+        check_choices(self, "quant")
+
+    @property
+    def spec(self) -> LinearSpec:
+        """The preset's :class:`LinearSpec` (what most linears get)."""
+        return preset_spec(self.preset, self.numerics)
+
+    def convert_kwargs(self) -> dict:
+        """Keyword arguments of :func:`convert` / :func:`resolve_plan` besides the preset."""
+        return dict(numerics=self.numerics, rules=[(pattern, "skip") for pattern in self.skip], lm_head=self.lm_head)
 
 
 def _rule_spec(action: Any, quant: str, numerics: str, name: str) -> LinearSpec:
@@ -93,16 +158,23 @@ def resolve_plan(
             if pattern.search(name):
                 spec = _rule_spec(action, quant, numerics, name)
                 break
-        if spec.needs_even_dims and (out_dim % 2 or in_dim % 2):
+        if spec.complex_masters and (out_dim % 2 or in_dim % 2):
             logger.warning("%s: shape [%d, %d] has an odd dim, no widely-linear form; the layer stays real",
-                        name, out_dim, in_dim)
+                           name, out_dim, in_dim)
             spec = REAL
         plan[name] = spec
     return plan
 
 
-def _variables(model: nnx.Module) -> dict[tuple, nnx.Variable]:
-    return {path: node for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Variable)}
+# ----------------------------------------------------------------------------------------------- surgery
+
+
+def model_variables(model: nnx.Module, *, linear_weights: bool = True) -> dict[Path, nnx.Variable]:
+    """Every ``nnx.Variable`` of ``model`` by graph path, in graph order; ``linear_weights=False`` leaves out the
+    linears' stored weights (:class:`LinearWeight`: kernels and complex masters), keeping embeddings, norms and
+    biases. The one walk over a model's variables (loader, converter, exporter)."""
+    return {path: node for path, node in nnx.iter_graph(model)
+            if isinstance(node, nnx.Variable) and (linear_weights or not isinstance(node, LinearWeight))}
 
 
 def _target_sharding(old_value: jax.Array, new_var: nnx.Variable):
@@ -112,87 +184,113 @@ def _target_sharding(old_value: jax.Array, new_var: nnx.Variable):
     return sharding
 
 
-def _complex_masters(old: Linear, new_U: nnx.Variable) -> tuple[jax.Array, jax.Array]:
-    """``(U, W)`` complex64 for ``old``: copied if it has masters, else from its real kernel under jit."""
+def _complex_masters(old: Linear, new: Linear) -> tuple[jax.Array, jax.Array]:
+    """``(U, W)`` complex64 for ``new``: ``old``'s masters copied, or formed from its real kernel under jit."""
     if old.spec.complex_masters:
-        return old.U.get_value(), old.W.get_value()
-    kernel = old.kernel.get_value()
-    target = _target_sharding(kernel, new_U)
+        return old.masters()
+    target = _target_sharding(old.kernel.get_value(), new.U)
     fn = jax.jit(lambda A: to_widely_linear(A.astype(jnp.float32), dtype=MASTER_DTYPE), out_shardings=(target, target))
-    return fn(kernel)
+    return fn(old.kernel.get_value())
 
 
-def _real_kernel(old: Linear, new_kernel: nnx.Variable, dtype: np.dtype) -> jax.Array:
+def _real_kernel(old: Linear, new: Linear, dtype: np.dtype) -> jax.Array:
     """``old``'s real master in ``dtype``: its kernel, or recomposed from its masters under jit."""
     if not old.spec.complex_masters:
         return old.kernel.get_value().astype(dtype)
-    U = old.U.get_value()
-    target = _target_sharding(U, new_kernel)
-    fn = jax.jit(lambda u, w: from_widely_linear(u, w, dtype=dtype), out_shardings=target)
-    return fn(U, old.W.get_value())
+    U, W = old.masters()
+    fn = jax.jit(lambda u, w: from_widely_linear(u, w, dtype=dtype), out_shardings=_target_sharding(U, new.kernel))
+    return fn(U, W)
+
+
+def _copy_other_variables(source: CausalLM, target: CausalLM) -> None:
+    """Set every variable of ``target`` that is not a linear weight from the same path of ``source``."""
+    old = model_variables(source)
+    for path, var in model_variables(target, linear_weights=False).items():
+        if path not in old:
+            raise ValueError(f"param {'.'.join(map(str, path))} of the new model has no source in the original")
+        var.set_value(old[path].get_value())
 
 
 def rebuild(model: CausalLM, plan: Mapping[str, LinearSpec]) -> CausalLM:
     """A new :class:`CausalLM` with the same config and non-linear params as ``model`` and linears of ``plan``."""
     new = abstract_model(model.config, plan)
-    old_vars = _variables(model)
-    old_linears, new_linears = model.named_linears(), new.named_linears()
-    for name, new_lin in new_linears.items():
+    old_linears = model.named_linears()
+    for name, new_lin in new.named_linears().items():
         old_lin = old_linears[name]
         if new_lin.tied:
             continue
         if new_lin.spec.complex_masters:
-            U, W = _complex_masters(old_lin, new_lin.U)
+            U, W = _complex_masters(old_lin, new_lin)
             new_lin.U.set_value(U)
             new_lin.W.set_value(W)
         else:
-            new_lin.kernel.set_value(_real_kernel(old_lin, new_lin.kernel, np.dtype(model.config.param_dtype)))
-    for path, var in _variables(new).items():
-        if path[-1] in ("U", "W", "kernel"):
-            continue
-        if path not in old_vars:
-            raise ValueError(f"param {'.'.join(map(str, path))} of the converted model has no source in the original")
-        var.set_value(old_vars[path].get_value())
+            new_lin.kernel.set_value(_real_kernel(old_lin, new_lin, np.dtype(model.config.param_dtype)))
+    _copy_other_variables(model, new)
     return new
 
 
-def convert(
-    model: CausalLM,
-    quant: str = "w2",
-    *,
-    numerics: str = "bf16_exact",
-    rules: Sequence[tuple[str, Any]] = (),
-    lm_head: bool = True,
-) -> CausalLM:
-    """A new model whose linears follow ``quant`` / ``rules`` / ``lm_head`` (module docstring); ``model`` is kept.
+def convert(model: CausalLM, quant: str = "w2", **options) -> CausalLM:
+    """A new model whose linears follow preset ``quant`` and the ``options`` of :func:`resolve_plan` (``numerics``,
+    ``rules``, ``lm_head``; module docstring); ``model`` is kept.
 
     Embeddings, norms and biases are shared (immutable arrays); masters are computed per tensor in the
     model's sharding. A scanned model needs the same kinds in every layer (else ``ValueError``).
     """
     if not isinstance(model, CausalLM):
         raise TypeError(f"convert expects a CausalLM, got {type(model).__name__}")
-    return rebuild(model, resolve_plan(model, quant, numerics=numerics, rules=rules, lm_head=lm_head))
+    return rebuild(model, resolve_plan(model, quant, **options))
 
 
 def to_real(model: CausalLM) -> CausalLM:
-    """A real model (every linear ``real``) with the masters recomposed in float32 under jit (see
-    :func:`to_real_state` for the float64 host path used by export)."""
+    """A real model (every linear ``real``) with the masters recomposed in float32 under jit (for the float64 host
+    path of export see :func:`fairy2i_jax.hf.export.iter_real_state`)."""
     return rebuild(model, {})
 
 
-def iter_real_state(model: CausalLM, dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(HF tensor name, numpy array)`` one tensor at a time: the real HF state dict of ``model``.
+def is_real(model: CausalLM) -> bool:
+    """True when every linear of ``model`` is ``real``."""
+    return all(spec == REAL for spec in model.linear_plan().values())
 
-    The tensors of the ``master`` export format (:mod:`fairy2i_jax.hf.export`): complex masters recomposed with
-    the float64 numpy path of ``from_widely_linear`` (one rounding to ``dtype``), real params as they are,
-    scanned layers split per layer; quantized layers give their masters. ``dtype``: default the param dtype.
+
+def freeze_weights(model: CausalLM) -> CausalLM:
+    """A real :class:`CausalLM` whose kernels are ``model``'s effective (fake-quantized) weights, computed once.
+
+    Same logits as ``model`` (each kernel is the matrix ``model``'s forward multiplies by, in the compute dtype,
+    stored in the param dtype); a tied output head whose matrix differs from the embedding table (a quantized
+    head) becomes an untied head.
     """
-    from fairy2i_jax.hf.export import tensor_plans
+    cfg, weights = model.config, model.effective_weights()
+    untie = cfg.tie_word_embeddings and model.lm_head.spec.quantized
+    frozen = abstract_model(cfg.replace(tie_word_embeddings=False) if untie else cfg)
+    for name, lin in frozen.named_linears().items():
+        if not lin.tied:
+            lin.kernel.set_value(weights[name].astype(cfg.param_dtype))
+    _copy_other_variables(model, frozen)
+    return frozen
 
-    for plan in tensor_plans(model, "master", dtype or model.config.param_dtype):
-        yield plan.name, plan.produce()
+
+EVALUATION_SETTINGS = ("trained", "fp")  # besides the quantized presets (see evaluation_model)
 
 
-def to_real_state(model: CausalLM, dtype: Any = None) -> dict[str, np.ndarray]:
-    """The whole real HF state dict of ``model`` (see :func:`iter_real_state`; prefer the iterator for big models)."""
-    return dict(iter_real_state(model, dtype))
+def evaluation_model(model: CausalLM, setting: str, *, numerics: str = "bf16_exact", lm_head: bool = True) -> CausalLM:
+    """The real model to evaluate ``model`` as ``setting``, its quantized weights frozen once (:func:`freeze_weights`):
+    ``trained`` = ``model`` as it is (a trained QAT model: its own quantization), ``fp`` = every linear real with
+    the masters recomposed unquantized, a quantized preset (``w2``, ``binary``, ...) = its PTQ model with
+    ``numerics``, the head quantized unless ``lm_head=False``."""
+    if setting == "trained":
+        return model if is_real(model) else freeze_weights(model)
+    if setting == "fp":
+        return model if is_real(model) else to_real(model)
+    if setting not in quantized_presets():
+        raise ValueError(f"unknown evaluation setting {setting!r}; expected one of "
+                         f"{', '.join((*EVALUATION_SETTINGS, *quantized_presets()))}")
+    return freeze_weights(convert(model, setting, numerics=numerics, lm_head=lm_head))
+
+
+def teacher_weights(model: CausalLM) -> dict[str, jax.Array]:
+    """The unquantized matrices of every linear in the compute dtype (recomposed masters, real kernels, the tied
+    embedding), keyed like :meth:`CausalLM.effective_weights`: ``model(ids, weights=teacher_weights(model))`` is
+    the model with quantization off (the ``self`` distillation teacher)."""
+    table = model.embed_tokens.embedding.get_value()
+    return {name: (table if lin.tied else lin.real_master()).astype(lin.compute_dtype)
+            for name, lin in model.named_linears().items()}

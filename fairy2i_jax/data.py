@@ -45,17 +45,20 @@ A batch is ``{"input_ids": int32[global_batch // process_count, seq_len], "label
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
 import os
 import re
-from typing import Any, Iterable, Iterator, Sequence
+import typing
+from typing import Any, Iterable, Iterator, Literal, Sequence
 
 import grain
 import numpy as np
 
+from fairy2i_jax.jsonl import iter_jsonl, open_text
+
 IGNORE_INDEX = -100
-DOC_SPLITS = ("file", "paragraph", "line")
+DocSplit = Literal["file", "paragraph", "line"]
+DOC_SPLITS: tuple[str, ...] = typing.get_args(DocSplit)
 SUPPORTED_EXTENSIONS = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet")
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 # The blocks live in memory (or a memory map): threads would only add GIL contention (grain's own advice).
@@ -118,28 +121,14 @@ def split_text(text: str, doc_split: str) -> list[str]:
     return [s for s in (p.strip() for p in parts) if s]
 
 
-def _open_text(path: str):
-    """A text-mode UTF-8 handle, gunzipping ``.gz`` files."""
-    if path.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
 def _jsonl_records(path: str, text_key: str) -> Iterator[str]:
     """The ``text_key`` strings of a jsonl file; ValueError naming file and line for a bad line."""
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or text_key not in record:
-                raise ValueError(f"{path}:{lineno}: record has no {text_key!r} key")
-            if not isinstance(record[text_key], str):
-                raise ValueError(f"{path}:{lineno}: {text_key!r} is not a string")
-            yield record[text_key]
+    for lineno, record in iter_jsonl(path):
+        if not isinstance(record, dict) or text_key not in record:
+            raise ValueError(f"{path}:{lineno}: record has no {text_key!r} key")
+        if not isinstance(record[text_key], str):
+            raise ValueError(f"{path}:{lineno}: {text_key!r} is not a string")
+        yield record[text_key]
 
 
 def _parquet_records(path: str, text_key: str) -> Iterator[str]:
@@ -160,7 +149,7 @@ def _file_records(path: str, text_key: str) -> Iterator[str]:
     """The raw texts of one file: the whole file for text, one per record for jsonl / parquet."""
     ext = _extension(path)
     if ext in (".txt", ".txt.gz"):
-        with _open_text(path) as f:
+        with open_text(path) as f:
             yield f.read()
     elif ext in (".jsonl", ".jsonl.gz"):
         yield from _jsonl_records(path, text_key)
@@ -315,11 +304,6 @@ def load_corpus(paths: PathLike | Sequence[PathLike], tokenizer: Any, *, doc_spl
     name = files[0] if len(files) == 1 else f"{len(files)} files ({files[0]}, ...)"
     return tokenize_documents(read_documents(files, doc_split=doc_split, text_key=text_key), tokenizer,
                               name=name)
-
-
-def load_hf_corpus(name: str, tokenizer: Any, **kwargs) -> TokenizedCorpus:
-    """:func:`hf_documents` (same keyword arguments) then :func:`tokenize_documents`."""
-    return tokenize_documents(hf_documents(name, **kwargs), tokenizer, name=f"HF dataset {name!r}")
 
 
 def epochs_for_budget(corpus: TokenizedCorpus, *, seq_len: int, global_batch: int, steps: int) -> float:

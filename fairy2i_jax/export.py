@@ -3,9 +3,9 @@
     python -m fairy2i_jax.export --from runs/smollm2_135m_w2 --out exports/smollm2_w2 --format dequantized
     python -m fairy2i_jax.export --from path/to/hf_dir --quant w2 --out exports/w2_ptq --format packed
 
-``--from``: a ``train.py`` run directory (``config.yaml`` + ``checkpoints/``: the trained QAT model of the latest
-checkpoint, or ``--step``), or an HF directory / ``.gguf`` file / hub id, exported as it is (``--format master``)
-or as its PTQ model (``--quant w2|w1|...``, needed for ``dequantized`` and ``packed``). Formats, dtypes, tied
+``--from``: any model source of :mod:`fairy2i_jax.sources`: a ``train.py`` run directory (the trained QAT model of
+the latest checkpoint, or ``--step``), or an HF directory / ``.gguf`` file / ``pkg:`` file / hub id / ``random:NAME``,
+exported as it is (``--format master``) or as its PTQ model (``--quant w2|w1|...``, needed for ``dequantized`` and ``packed``). Formats, dtypes, tied
 heads and the safety rules (temporary directory, ``--overwrite``) are described in
 :mod:`fairy2i_jax.hf.export`. Errors exit with code 2 and one line naming the problem.
 """
@@ -17,8 +17,12 @@ import re
 import sys
 from pathlib import Path
 
+from fairy2i_jax.convert import QUANT_PRESETS
+from fairy2i_jax.errors import Fairy2iError
 from fairy2i_jax.hf.export import DEFAULT_DTYPE, FORMATS, ExportError, export_model
-from fairy2i_jax.hf.safetensors_io import MAX_SHARD_BYTES, CheckpointError
+from fairy2i_jax.hf.safetensors_io import MAX_SHARD_BYTES
+from fairy2i_jax.models.config import DTYPE_NAMES
+from fairy2i_jax.quant import NUMERICS
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -32,39 +36,25 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
-def is_run_dir(path: Path) -> bool:
-    """True for a ``train.py`` run directory (``config.yaml``, no ``config.json``)."""
-    return path.is_dir() and (path / "config.yaml").is_file() and not (path / "config.json").is_file()
-
-
 def load_source(args) -> tuple[object, object, list[Path]]:
-    """``(model, tokenizer source or None, protected paths)`` for ``--from`` (module docstring)."""
-    import jax.numpy as jnp
+    """``(model, tokenizer files or None, protected paths)`` for ``--from`` (module docstring)."""
+    from fairy2i_jax import sources
+    from fairy2i_jax.convert import convert
 
-    source = Path(args.source).expanduser()
-    if is_run_dir(source):
+    source = sources.resolve(args.source, step=args.step)
+    protected = [source.path] if source.path is not None else []
+    if source.kind == "run":
         if args.quant:
-            raise ExportError(f"--quant applies to HF checkpoints; {source} is a training run (its config.yaml "
+            raise ExportError(f"--quant applies to HF checkpoints; {source.path} is a training run (its config.yaml "
                               "says how it is quantized)")
-        from fairy2i_jax.training import load_run
-        from fairy2i_jax.training.setup import TINY_RANDOM, resolve_model_path
-
-        model, _, cfg = load_run(source, args.step)
-        tokenizer_from = None if cfg.model.path == TINY_RANDOM else resolve_model_path(cfg.model.path)
-        return model, tokenizer_from, [source]
-    if args.step is not None:
-        raise ExportError(f"--step applies to training run directories; {source} is not one")
-    from fairy2i_jax.convert import QUANT_PRESETS, convert
-    from fairy2i_jax.hf.load import load_pretrained, resolve_checkpoint
-
-    path = resolve_checkpoint(args.source)
+        return sources.load_model(source), sources.tokenizer_files(source), protected
     if args.quant is None and args.format != "master":
         raise ExportError(f"--format {args.format} of an HF checkpoint needs --quant (one of "
                           f"{', '.join(QUANT_PRESETS)}): the PTQ model is exported")
-    model = load_pretrained(path, dtype=jnp.float32, compute_dtype=jnp.float32)
+    model = sources.load_model(source, param_dtype="float32", compute_dtype="float32")
     if args.quant is not None:
         model = convert(model, args.quant, numerics=args.numerics, lm_head=not args.lm_head_fp)
-    return model, path, [path]
+    return model, sources.tokenizer_files(source), protected
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,10 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="source", required=True, help="run dir, HF dir, .gguf file or hub id")
     p.add_argument("--out", required=True, help="output HF directory (must not exist or be empty)")
     p.add_argument("--format", default="dequantized", choices=FORMATS)
-    p.add_argument("--quant", default=None, help="PTQ preset for an HF --from (w2, w1, binary, ternary, fp, ...)")
-    p.add_argument("--numerics", default="bf16_exact", choices=("bf16_exact", "fp32"), help="with --quant")
+    p.add_argument("--quant", default=None, choices=QUANT_PRESETS, help="PTQ preset for an HF --from")
+    p.add_argument("--numerics", default="bf16_exact", choices=NUMERICS, help="with --quant")
     p.add_argument("--lm-head-fp", action="store_true", help="with --quant: keep the output head unquantized")
-    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+    p.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
                    help="dtype of the exported tensors (default: " +
                         ", ".join(f"{k} {v}" for k, v in DEFAULT_DTYPE.items()) + ")")
     p.add_argument("--step", type=int, default=None, help="checkpoint step of a run dir (default: the latest)")
@@ -96,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         result = export_model(model, args.out, args.format, dtype=args.dtype, tokenizer_from=tokenizer_from,
                               overwrite=args.overwrite, max_shard_bytes=max_shard, protected=protected,
                               progress=not args.no_progress)
-    except (ExportError, CheckpointError, ValueError, FileNotFoundError) as e:
+    except (Fairy2iError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     size = result.size

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fairy2i_jax.hf.tokenizer import pad_token_id
+
 MIN_BUCKET = 16
 
 
@@ -170,8 +172,7 @@ def generate(model, tokenizer_or_ids, max_new_tokens: int = 32, *, prompt: str |
             raise ValueError("generate with a tokenizer needs prompt= (a string or a list of strings)")
         texts = [prompt] if isinstance(prompt, str) else list(prompt)
         eos = eos_id if eos_id is not None else tok.eos_token_id
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        kwargs.setdefault("pad_id", int(pad))
+        kwargs.setdefault("pad_id", pad_token_id(tok))
         ids = [tok(t)["input_ids"] for t in texts]
         new = greedy_ids(model, ids, max_new_tokens, eos_id=eos, **kwargs)
         out = [tok.decode(n, skip_special_tokens=True) for n in new]

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple
+import typing
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,9 +42,12 @@ from fairy2i_jax.widely_linear import check_even_shape, decompose_planes, recomp
 
 Array = Any
 
-METHODS = ("complex_phase", "binary", "ternary", "none")
-NUMERICS = ("bf16_exact", "fp32")
-GRANULARITIES = ("tensor", "row", "group")
+Method = Literal["complex_phase", "binary", "ternary", "none"]
+Numerics = Literal["bf16_exact", "fp32"]
+Granularity = Literal["tensor", "row", "group"]
+METHODS: tuple[str, ...] = typing.get_args(Method)
+NUMERICS: tuple[str, ...] = typing.get_args(Numerics)
+GRANULARITIES: tuple[str, ...] = typing.get_args(Granularity)
 SCALE_MIN = 1e-6  # official clamp of every scale (reference B.2)
 TERNARY_EPS = 1e-5  # BitNet b1.58 absmean denominator epsilon
 CODE_POS_REAL, CODE_POS_IMAG, CODE_NEG_REAL, CODE_NEG_IMAG = 0, 1, 2, 3  # code k stands for i^k

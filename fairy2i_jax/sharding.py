@@ -121,14 +121,6 @@ def variable_sharding(variable: nnx.Variable, mesh: Mesh) -> NamedSharding:
     return logical_to_sharding(variable_logical_axes(variable), mesh, variable.get_value().shape)
 
 
-def param_shardings(model: nnx.Module, mesh: Mesh) -> nnx.State:
-    """The model's state with every variable value replaced by its ``NamedSharding`` (for jit in/out shardings)."""
-    state = nnx.state(model)
-    return jax.tree.map(
-        lambda v: v.replace(variable_sharding(v, mesh)), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
-    )
-
-
 def shard_like_params(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     """Move every variable of ``model`` (in place) to the sharding its logical names give on ``mesh``; returns it."""
     for _, variable in nnx.iter_graph(model):

@@ -166,10 +166,10 @@ def test_errors_are_one_line_exit_2(saved, tmp_path, capsys):
 def test_training_run_dir(tmp_path, capsys):
     """A 1-step W2 QAT run of the debug config: `trained` equals the run's own QAT forward, and equals `w2` PTQ
     of its masters (same quantizer, same numerics); `fp` (masters unquantized) differs."""
-    pytest.importorskip("fairy2i_jax.training", reason="fairy2i_jax.training (issue [C]) is not in this checkout")
+    from fairy2i_jax import sources
     from fairy2i_jax.evaluation import jax_logits_fn
     from fairy2i_jax.evaluation.perplexity import contiguous_perplexity
-    from fairy2i_jax.training import load_run, load_train_config, run
+    from fairy2i_jax.training import load_train_config, run
 
     run_dir = tmp_path / "run"
     cfg = load_train_config(os.path.join(REPO, "configs", "debug.yaml"), [
@@ -190,7 +190,8 @@ def test_training_run_dir(tmp_path, capsys):
     assert main(["--model", str(run_dir), "--quant", "trained,fp,w2", "--ppl-files", str(text), "--protocol",
                  "contiguous", "--seqlen", "256", "--max-tokens", "1024", "--no-progress", "--json", str(out)]) == 0
     trained, fp, w2 = (r["ppl"]["austen"]["contiguous"]["ppl"] for r in json.loads(out.read_text())["rows"])
-    model, tok, _ = load_run(run_dir)
+    loaded = sources.load(str(run_dir))
+    model, tok = loaded.model, loaded.tokenizer
     direct = contiguous_perplexity(jax_logits_fn(model, buckets=(256,), batch_size=4), text.read_text()[:1200],
                                    tok, seqlen=256, batch_size=4, progress=False)
     assert direct.num_scored == 4 * 255  # 1200 bytes hold the first 1024 tokens of the byte tokenizer

@@ -75,7 +75,7 @@ def test_dequantized_bfloat16_tolerance(w2, tmp_path):
     tensors = _tensors(tmp_path / "hf")
     q = "model.layers.0.self_attn.q_proj.weight"
     assert tensors[q].dtype == ml_dtypes.bfloat16
-    exact = np.asarray(model.named_linears()["model.layers.0.self_attn.q_proj"].quantized_weight())
+    exact = np.asarray(model.named_linears()["model.layers.0.self_attn.q_proj"].forward_weight())
     np.testing.assert_array_equal(tensors[q].astype(np.float32), exact)
     diff = max_diff_on_tokens(_hf_logits(tmp_path / "hf", ids, mask), want, mask)
     assert 0 < diff <= BF16_TOL

@@ -10,7 +10,7 @@ from lm_eval.api.model import TemplateLM
 
 from eval_helpers import austen_sentences, tiny_llama, tiny_tokenizer, torch_logprobs
 from fairy2i_jax.evaluation import torch_logits_fn
-from fairy2i_jax.evaluation.lm_eval_adapter import LogitsLM, encode_harness, evaluate_tasks, resolve_tasks
+from fairy2i_jax.evaluation.lm_eval_adapter import LogitsLM, evaluate_tasks, resolve_tasks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK_DIR = os.path.join(REPO, "tests", "data", "tiny_mc")
@@ -105,9 +105,9 @@ class _LmEvalEncodings(TemplateLM):
 def test_harness_encoding_matches_lm_eval_and_scores_equal_torch(tok, model):
     pairs = _mc_requests()[:8] + [("", " Anne Elliot"), ("Sir Walter ", "Elliot"), ("Kellynch  ", " Hall")]
     reference = _LmEvalEncodings(tok).loglikelihood(_instances(pairs), disable_tqdm=True)
-    ours = [encode_harness(tok, ctx, cont) for ctx, cont in pairs]
-    assert [(list(a), list(b)) for a, b in ours] == [(list(a), list(b)) for a, b in reference]
     lm = LogitsLM(torch_logits_fn(model), tok, max_length=64, batch_size=4, encoding="harness", progress=False)
+    ours = [lm.encode_pair(ctx, cont) for ctx, cont in pairs]
+    assert [(list(a), list(b)) for a, b in ours] == [(list(a), list(b)) for a, b in reference]
     _assert_close(lm.loglikelihood(_instances(pairs)), [_direct(model, c, x) for c, x in reference])
     official = LogitsLM(torch_logits_fn(model), tok, max_length=64, encoding="official", progress=False)
     assert official.encode_pair(*pairs[0]) != lm.encode_pair(*pairs[0])  # the leading space is kept here only

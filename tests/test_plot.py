@@ -72,7 +72,7 @@ def test_no_loss_records_names_the_file(tmp_path):
 
 def test_bad_json_names_file_and_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{not json\n')
-    with pytest.raises(ValueError, match=r"metrics\.jsonl, line 2"):
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not valid JSON"):
         plot.read_curve(tmp_path)
 
 

@@ -12,7 +12,6 @@ from fairy2i_jax.hf.safetensors_io import (
     SafetensorsCheckpoint,
     TensorPlan,
     read_header,
-    shard_file_names,
     shard_plan,
     write_safetensors,
     write_sharded,
@@ -55,7 +54,7 @@ def test_shards_and_index(tmp_path):
     reported = []
     files = write_sharded(tmp_path, plans, max_shard_bytes=60, on_tensor=lambda t: reported.append(t.name))
     assert reported == list(arrays)
-    assert files == shard_file_names(2)  # [a: 60 B] [b: 16, c: 24, d: 4, e: 0 B]
+    assert files == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]  # [a 60 B] [b c d e]
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == sum(v.nbytes for v in arrays.values())
     reader = SafetensorsCheckpoint(tmp_path)
@@ -64,14 +63,16 @@ def test_shards_and_index(tmp_path):
 
 
 def test_shard_plan_rules():
+    """HF's splitting rule (huggingface_hub): an oversized tensor stands alone, the others fill shards in order."""
     big, small = np.zeros(100, np.float32), np.zeros(10, np.float32)
     shards = shard_plan([_plan("s1", small), _plan("big", big), _plan("s2", small)], max_shard_bytes=200)
-    assert [[t.name for t in s] for s in shards] == [["s1"], ["big"], ["s2"]]  # an oversized tensor stands alone
+    assert {f: [t.name for t in s] for f, s in shards.items()} == {
+        "model-00001-of-00002.safetensors": ["big"], "model-00002-of-00002.safetensors": ["s1", "s2"]}
+    assert list(shard_plan([_plan("s1", small)])) == ["model.safetensors"]
     with pytest.raises(ValueError, match="'s1' planned twice"):
         shard_plan([_plan("s1", small), _plan("s1", small)])
     with pytest.raises(ValueError, match="no safetensors name"):
         shard_plan([_plan("c", np.zeros(2, np.complex64))])
-    assert shard_file_names(1) == ["model.safetensors"]
 
 
 def test_a_tensor_that_does_not_match_its_plan_is_refused(tmp_path):

@@ -1,7 +1,6 @@
 """Training config presets and errors, the learning-rate schedules, and the TensorBoard event-file writer."""
 
 import math
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,6 @@ import pytest
 from fairy2i_jax.config import ConfigError
 from fairy2i_jax.training.config import DEFAULT_CONFIG, load_train_config
 from fairy2i_jax.training.loop import run
-from fairy2i_jax.training.metrics import EventFileWriter, crc32c, masked_crc32c, mfu, peak_flops
 from fairy2i_jax.training.schedule import make_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,52 +82,6 @@ def test_seq_len_above_the_model_positions_is_a_clear_error(tmp_path, monkeypatc
     monkeypatch.chdir(ROOT)
     with pytest.raises(ConfigError, match="data.seq_len = 2048 exceeds the model's max_position_embeddings = 1024"):
         run(_debug(tmp_path, "data.seq_len=2048"))
-
-
-def test_crc32c_and_event_file_parse_with_protobuf(tmp_path):
-    """The built-in event writer's records parse with the protobuf runtime against a schema declared here
-    (field numbers of tensorboard's Event / Summary / Summary.Value) and carry valid masked CRCs."""
-    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
-    assert crc32c(b"") == 0
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
-    fdp = descriptor_pb2.FileDescriptorProto(name="ev.proto", package="t")
-    T = descriptor_pb2.FieldDescriptorProto
-    value = fdp.message_type.add(name="Value")
-    value.field.add(name="tag", number=1, type=T.TYPE_STRING, label=T.LABEL_OPTIONAL)
-    value.field.add(name="simple_value", number=2, type=T.TYPE_FLOAT, label=T.LABEL_OPTIONAL)
-    summary = fdp.message_type.add(name="Summary")
-    summary.field.add(name="value", number=1, type=T.TYPE_MESSAGE, type_name=".t.Value", label=T.LABEL_REPEATED)
-    event = fdp.message_type.add(name="Event")
-    event.field.add(name="wall_time", number=1, type=T.TYPE_DOUBLE, label=T.LABEL_OPTIONAL)
-    event.field.add(name="step", number=2, type=T.TYPE_INT64, label=T.LABEL_OPTIONAL)
-    event.field.add(name="file_version", number=3, type=T.TYPE_STRING, label=T.LABEL_OPTIONAL)
-    event.field.add(name="summary", number=5, type=T.TYPE_MESSAGE, type_name=".t.Summary", label=T.LABEL_OPTIONAL)
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(fdp)
-    Event = message_factory.GetMessageClass(pool.FindMessageTypeByName("t.Event"))
-
-    writer = EventFileWriter(tmp_path)
-    writer.add_scalars(7, {"train/loss": 2.5, "train/lr": 3e-5})
-    writer.close()
-    data, records = writer.path.read_bytes(), []
-    while data:
-        (length,) = struct.unpack("<Q", data[:8])
-        assert struct.unpack("<I", data[8:12])[0] == masked_crc32c(data[:8])
-        body = data[12:12 + length]
-        assert struct.unpack("<I", data[12 + length:16 + length])[0] == masked_crc32c(body)
-        records.append(Event.FromString(body))
-        data = data[16 + length:]
-    assert records[0].file_version == "brain.Event:2"
-    assert records[1].step == 7 and records[1].wall_time > 1e9
-    got = {v.tag: v.simple_value for v in records[1].summary.value}
-    assert got["train/loss"] == 2.5 and got["train/lr"] == pytest.approx(3e-5, rel=1e-6)
-
-
-def test_mfu_table():
-    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("TPU v5 lite") == 197e12
-    assert peak_flops("cpu") is None and mfu(10**9, 1e4, "cpu", 1) is None
-    assert mfu(10**9, 1e4, "NVIDIA H100 80GB HBM3", 2) == pytest.approx(6e13 / (2 * 989e12))
 
 
 def test_diverging_run_stops_naming_the_step_and_param_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):

@@ -10,7 +10,8 @@ import numpy as np
 from fairy2i_jax import convert
 from fairy2i_jax.data import eval_dataset, load_corpus, train_dataset
 from fairy2i_jax.models.llama import init_model
-from fairy2i_jax.training.setup import ByteTokenizer, tiny_config
+from fairy2i_jax.hf.tokenizer import ByteTokenizer
+from fairy2i_jax.sources import tiny_config
 from fairy2i_jax.training.step import token_nll
 from train_helpers import harness, optimizer
 
@@ -37,7 +38,7 @@ def held_out_loss(model, corpus, batches: int = 8) -> float:
 def train(model, steps: int, lr: float, data_iter):
     h = harness(model, optimizer("adamw", lr, "real", clip_norm=1.0), (BATCH, SEQ))
     losses = [float(h.run(next(data_iter))["loss"]) for _ in range(steps)]
-    return h.layout.merge(h.state["params"]), losses
+    return h.layout.merge(h.state.params), losses
 
 
 def test_w2_qat_beats_w2_ptq_within_50_steps():

@@ -135,24 +135,25 @@ def test_corrupt_checkpoint_on_resume_is_a_clear_error_and_deletes_nothing(tmp_p
     before = _tree_digest(run_dir / "checkpoints")
     proc = subprocess.run(_cmd(run_dir, ["train.steps=20"]), cwd=ROOT, env=_env(cache), capture_output=True,
                           text=True, timeout=300)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.returncode == 2, proc.stdout + proc.stderr
     assert f"checkpoint step {STEPS} in {run_dir / 'checkpoints'} cannot be read" in proc.stderr
     assert "Nothing was deleted" in proc.stderr
     assert _tree_digest(run_dir / "checkpoints") == before
 
 
-def test_load_run_gives_the_trained_model(reference, monkeypatch):
-    from fairy2i_jax.training import load_run
+def test_a_run_dir_source_gives_the_trained_model(reference, monkeypatch):
+    from fairy2i_jax import sources
+    from fairy2i_jax.runs import RunDirError
 
     monkeypatch.chdir(ROOT)
     run_dir = reference[0]
-    model, tokenizer, cfg = load_run(run_dir)
-    earlier, _, _ = load_run(run_dir, step=STEPS - 2)
-    assert cfg.train.steps == STEPS and tokenizer.eos_token_id == 256
-    u_last, u_earlier = model.lm_head.U.get_value(), earlier.lm_head.U.get_value()
+    loaded = sources.load(str(run_dir))
+    earlier = sources.load(str(run_dir), step=STEPS - 2).model
+    assert loaded.source.kind == "run" and loaded.tokenizer.eos_token_id == 256
+    u_last, u_earlier = loaded.model.lm_head.U.get_value(), earlier.lm_head.U.get_value()
     assert u_last.dtype == np.complex64 and not np.array_equal(np.asarray(u_last), np.asarray(u_earlier))
-    with pytest.raises(ValueError, match=rf"no checkpoint 7 \(available: \[{STEPS - 4}, {STEPS - 2}, {STEPS}\]\)"):
-        load_run(run_dir, step=7)
+    with pytest.raises(RunDirError, match=rf"no checkpoint 7 in .* \(available: \[{STEPS - 4}, {STEPS - 2}, {STEPS}\]\)"):
+        sources.load(str(run_dir), step=7)
 
 
 def test_finished_run_exports_an_hf_dir_with_the_trained_logits(reference, monkeypatch, tmp_path):
@@ -162,13 +163,13 @@ def test_finished_run_exports_an_hf_dir_with_the_trained_logits(reference, monke
     import transformers
 
     from fairy2i_jax.export import main as export_main
+    from fairy2i_jax import sources
     from fairy2i_jax.hf.load import load_pretrained
-    from fairy2i_jax.training import load_run
     from model_helpers import jax_logits, qat_logits
 
     monkeypatch.chdir(ROOT)
     run_dir = reference[0]
-    model, _, _ = load_run(run_dir)
+    model = sources.load_model(str(run_dir))
     ids = np.random.default_rng(0).integers(0, 256, size=(2, 24)).astype(np.int32)
     mask = np.ones_like(ids)
     want = qat_logits(model, ids, mask)

@@ -9,7 +9,7 @@ import torch
 
 from fairy2i_jax import convert, load_pretrained
 from fairy2i_jax.training.config import DistillSection
-from fairy2i_jax.training.step import teacher_weights
+from fairy2i_jax.convert import teacher_weights
 from fairy2i_jax.widely_linear import from_widely_linear, to_widely_linear
 from model_helpers import checkpoint, model_cls_copy
 from train_helpers import harness, host, optimizer, random_batch
@@ -50,10 +50,10 @@ def test_sgd_update_equals_official_real_update(w2_model, coordinates, factor, g
     batch = random_batch(4, 12, 256, seed=1)
     ref_loss, g = _torch_real_grads(w2_model, batch)
     h = harness(w2_model, optimizer("sgd", LR, coordinates), batch["input_ids"].shape, grad_accum=grad_accum)
-    before = host(h.state["params"])
+    before = host(h.state.params)
     metrics = h.run(batch)
-    after = host(h.state["params"])
-    assert bool(metrics["finite"]) and int(h.state["step"]) == 1
+    after = host(h.state.params)
+    assert bool(metrics["finite"]) and int(h.state.step) == 1
     np.testing.assert_allclose(float(metrics["loss"]), ref_loss, rtol=1e-5)
     checked = 0
     for i in range(2):
@@ -77,14 +77,14 @@ def test_sgd_update_equals_official_real_update(w2_model, coordinates, factor, g
 
     # a non-finite gradient (an inf planted in a norm weight) skips the update and names the first bad leaf:
     # the inf reaches the loss and, backwards, every gradient upstream of layer 1, so it is the embedding table
-    params = h.state["params"]
+    params = h.state.params
     params["layers"][1]["post_attention_layernorm"]["weight"] = (
         params["layers"][1]["post_attention_layernorm"]["weight"].at[3].set(jnp.inf))
     before = host(params)
     metrics = h.run(batch)
-    assert not bool(metrics["finite"]) and int(h.state["step"]) == 1
-    assert h.layout.leaf_paths()[int(metrics["bad_leaf"])] == "embed_tokens.embedding"
-    for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(host(h.state["params"]))):
+    assert not bool(metrics["finite"]) and int(h.state.step) == 1
+    assert h.layout.paths[int(metrics["bad_leaf"])] == "embed_tokens.embedding"
+    for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(host(h.state.params))):
         np.testing.assert_array_equal(x, y)
 
 
@@ -107,13 +107,13 @@ def test_sharded_step_matches_one_device(tied_scanned):
     opt = optimizer("adamw", lr, "real", clip_norm=1.0, b2=0.95)
     one = harness(tied_scanned, opt, batch["input_ids"].shape, mesh_shape=(1, 1, 1), grad_accum=2)
     many = harness(tied_scanned, opt, batch["input_ids"].shape, mesh_shape=(2, 2, 2), grad_accum=2)
-    u = many.state["params"]["layers"]["mlp"]["down_proj"]["U"]
+    u = many.state.params["layers"]["mlp"]["down_proj"]["U"]
     assert len(u.sharding.device_set) == 8 and not u.sharding.is_fully_replicated
     for s in range(2):
         m1, m8 = one.run(random_batch(8, 16, 256, seed=s)), many.run(random_batch(8, 16, 256, seed=s))
         np.testing.assert_allclose(float(m8["loss"]), float(m1["loss"]), rtol=1e-6)
         np.testing.assert_allclose(float(m8["grad_norm"]), float(m1["grad_norm"]), rtol=1e-5)
-    p1, p8 = host(one.state["params"]), host(many.state["params"])
+    p1, p8 = host(one.state.params), host(many.state.params)
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-6 + 1e-3 * lr)
 

@@ -27,7 +27,7 @@ class Harness:
     """A jitted train step of ``model`` on ``mesh`` with its initial state."""
 
     layout: ParamLayout
-    state: dict
+    state: object  # TrainState
     step: object
     mesh: object
 

@@ -27,7 +27,7 @@ from fairy2i_jax.evaluation.perplexity import (
     wikitext_lines,
 )
 
-_LAZY = {"LogitsLM", "encode_official", "encode_harness", "resolve_tasks", "evaluate_tasks"}
+_LAZY = {"Fairy2iLM", "LogitsLM", "encode_official", "resolve_tasks", "evaluate_tasks"}
 
 
 def __getattr__(name):

@@ -4,8 +4,8 @@
         [--ppl-datasets wikitext2,c4] [--protocol official,contiguous] [--seqlen 2048] [--max-tokens N] \\
         [--tasks arc_easy,piqa [--limit N]] [--json out.json]
 
-Models: a HF directory (`config.json` + safetensors), a `.gguf` file, a hub id (downloaded when online), or a
-training run directory (`config.yaml`, see `load_run_dir`); the tokenizer comes from the same place.
+Models: any model source of `fairy2i_jax.sources` (an HF or packed directory, a `.gguf` file, `pkg:PKG/FILE`,
+`random:NAME`, a hub id when online, or a training run directory); the tokenizer comes from the same place.
 Settings (`--quant`, comma separated): `trained` (the model exactly as loaded: for a run directory the QAT model
 as trained, for a checkpoint the same as `fp`), `fp` (every linear real, complex masters recomposed,
 unquantized) or a PTQ preset of `fairy2i_jax.convert` (`w1`..`w4`, `binary`, `ternary`) applied to the model's
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import shlex
@@ -42,12 +41,18 @@ from pathlib import Path
 
 import numpy as np
 
-QUANTS = ("fp", "trained", "w1", "w2", "w3", "w4", "binary", "ternary")
+from fairy2i_jax.convert import EVALUATION_SETTINGS, quantized_presets
+from fairy2i_jax.data import DOC_SPLITS
+from fairy2i_jax.errors import Fairy2iError
+from fairy2i_jax.evaluation.perplexity import PROTOCOLS
+from fairy2i_jax.models.config import DTYPE_NAMES
+from fairy2i_jax.quant import NUMERICS
+
+QUANTS = (*EVALUATION_SETTINGS, *quantized_presets())
 HEAD_FP = ":head-fp"
-PROTOCOLS = ("official", "contiguous")
 
 
-class EvalError(Exception):
+class EvalError(Fairy2iError):
     """A problem with the command line or its inputs: reported as one line, exit code 2."""
 
 
@@ -74,7 +79,7 @@ def parse_settings(text: str, head_fp: bool = False) -> list[Setting]:
         quant, suffix = (item[: -len(HEAD_FP)], True) if item.endswith(HEAD_FP) else (item, False)
         if quant not in QUANTS:
             raise EvalError(f"unknown --quant {item!r}; expected {', '.join(QUANTS)} (optionally with {HEAD_FP})")
-        out.append(Setting(quant, (suffix or head_fp) and quant not in ("fp", "trained")))
+        out.append(Setting(quant, (suffix or head_fp) and quant not in EVALUATION_SETTINGS))
     if not out:
         raise EvalError("--quant lists no setting")
     return out
@@ -87,16 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
         "perplexity (official and contiguous protocols) and lm-eval acc, in one table.")
     p.add_argument("--model", action="append", required=True, help="HF dir, .gguf file, hub id or run dir; repeat")
     p.add_argument("--quant", default="fp", help=f"comma list of {', '.join(QUANTS)} (suffix {HEAD_FP})")
-    p.add_argument("--numerics", default="bf16_exact", choices=("bf16_exact", "fp32"))
+    p.add_argument("--numerics", default="bf16_exact", choices=NUMERICS)
     p.add_argument("--lm-head-fp", action="store_true", help="keep the output head in full precision")
-    p.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--compute-dtype", default="float32", choices=DTYPE_NAMES)
     p.add_argument("--ppl-files", default="", help="comma list of .txt/.txt.gz/.jsonl files")
     p.add_argument("--ppl-datasets", default="",
                    help="comma list of HF hub datasets: wikitext2 (wikitext-2-raw-v1 test, one document per "
                    "line), c4 (allenai/c4 validation shards 0-1, one per record); downloaded on first use "
                    "(needs network or the local HF cache)")
     p.add_argument("--protocol", default="official,contiguous", help="comma list of official, contiguous")
-    p.add_argument("--doc-split", default="paragraph", choices=("paragraph", "line", "file"),
+    p.add_argument("--doc-split", default="paragraph", choices=DOC_SPLITS,
                    help="what one document (item) of a --ppl-files file is in the official protocol")
     p.add_argument("--seqlen", type=int, default=2048, help="perplexity window / chunk length")
     p.add_argument("--stride", type=int, default=None, help="contiguous windows every N tokens (overlapping)")
@@ -111,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=2048, help="lm-eval context length")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--json", default=None, help="write every number to this JSON file")
+    p.add_argument("--lm-eval-dir", default=None,
+                   help="also write lm-eval's own results JSON of each (model, setting) into this directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -209,83 +216,34 @@ def resolve_task_manager(tasks: list[str], include: str | None, builtin: bool = 
 # ------------------------------------------------------------------------------------------------ models
 
 
-def load_run_dir(path: str):
-    """(model, tokenizer) of a `train.py` run directory (`config.yaml` + orbax checkpoints): the model as
-    trained (its QAT linears, the params of the latest checkpoint) via `fairy2i_jax.training.load_run`. The
-    run's own dtypes apply (`--compute-dtype` does not)."""
-    if importlib.util.find_spec("fairy2i_jax.training") is None:
-        raise EvalError(f"{path!r} is a training run directory (config.yaml); training run dirs are supported "
-                        "once issue [C] lands")
-    from fairy2i_jax.training import CheckpointCorruptError, load_run
+def check_model_spec(spec: str):
+    """The resolved :class:`~fairy2i_jax.sources.ModelSource` of a ``--model`` entry (EvalError when it does not
+    exist), nothing loaded yet."""
+    from fairy2i_jax import sources
 
     try:
-        model, tokenizer, _ = load_run(path)
-    except (ValueError, FileNotFoundError, CheckpointCorruptError) as e:
-        raise EvalError(f"cannot load training run {path!r}: {e}") from None
-    return model, tokenizer
+        return sources.resolve(spec)
+    except sources.SourceError as e:
+        raise EvalError(str(e)) from None
 
 
-def check_model_spec(spec: str) -> None:
-    """EvalError unless `spec` is an existing path or looks like a hub id (`owner/name`)."""
-    if Path(spec).expanduser().exists():
-        return
-    if spec.count("/") != 1 or spec.startswith((".", "/", "~")) or spec.endswith(".gguf"):
-        raise EvalError(f"model {spec!r} does not exist (neither a local directory/file nor a hub id)")
+def load_model(source, compute_dtype: str):
+    """(CausalLM, tokenizer, display name) of a resolved ``--model`` source (float32 params; a run directory keeps
+    its own dtypes); EvalError when it cannot be used."""
+    from fairy2i_jax import sources
 
-
-def load_model(spec: str, compute_dtype: str):
-    """(CausalLM, tokenizer, display name) of a `--model` entry; EvalError when it cannot be used."""
-    import jax.numpy as jnp
-
-    from fairy2i_jax import load_pretrained, load_tokenizer
-    from fairy2i_jax.hf.load import resolve_checkpoint
-    from fairy2i_jax.hf.safetensors_io import CheckpointError
-
-    local = Path(spec).expanduser()
-    if local.is_dir() and (local / "config.yaml").is_file() and not (local / "config.json").is_file():
-        return (*load_run_dir(spec), local.name)
     try:
-        path = resolve_checkpoint(spec)
-        model = load_pretrained(path, dtype=jnp.float32, compute_dtype=getattr(jnp, compute_dtype))
-        tokenizer = load_tokenizer(path)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        raise EvalError(f"cannot load model {spec!r}: {e}") from None
-    return model, tokenizer, local.name if local.exists() else spec
-
-
-def freeze_weights(model):
-    """A real `CausalLM` whose kernels are `model`'s effective (fake-quantized) weights, computed once.
-
-    Same logits as `model` (each weight is the matrix `model`'s forward multiplies by); a tied output head
-    whose weight differs from the embedding table (a quantized head) becomes an untied head.
-    """
-    from flax import nnx
-
-    from fairy2i_jax.models.llama import abstract_model
-
-    cfg, weights = model.config, model.effective_weights()
-    untie = cfg.tie_word_embeddings and model.lm_head.spec.kind == "qat"
-    frozen = abstract_model(cfg.replace(tie_word_embeddings=False) if untie else cfg)
-    for name, lin in frozen.named_linears().items():
-        if not lin.tied:
-            lin.kernel.set_value(weights[name].astype(cfg.param_dtype))
-    old = {path: v for path, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)}
-    for path, var in nnx.iter_graph(frozen):
-        if isinstance(var, nnx.Variable) and path[-1] != "kernel":
-            var.set_value(old[path].get_value())
-    return frozen
+        loaded = sources.load(source, param_dtype="float32", compute_dtype=compute_dtype)
+    except (Fairy2iError, FileNotFoundError) as e:
+        raise EvalError(f"cannot load model {source.spec!r}: {e}") from None
+    return loaded.model, loaded.tokenizer, source.name
 
 
 def model_for(base, setting: Setting, numerics: str):
     """The model to evaluate for `setting` (module docstring), quantized weights frozen once."""
-    from fairy2i_jax.convert import convert
+    from fairy2i_jax.convert import evaluation_model
 
-    real = all(spec.kind == "real" for spec in base.linear_plan().values())
-    if setting.quant == "trained":
-        return base if real else freeze_weights(base)
-    if setting.quant == "fp":
-        return base if real else convert(base, "none")
-    return freeze_weights(convert(base, setting.quant, numerics=numerics, lm_head=not setting.head_fp))
+    return evaluation_model(base, setting.quant, numerics=numerics, lm_head=not setting.head_fp)
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -322,8 +280,9 @@ def perplexity_metrics(logits_fn, windows: dict, args, pad_id: int) -> dict:
     return out
 
 
-def task_metrics(model, logits_fn, tokenizer, manager, tasks: list[str], args) -> dict:
-    """{task: {"acc": ..., "acc_stderr": ...}} through the lm-eval adapter (`acc`, as the paper reports)."""
+def task_metrics(model, logits_fn, tokenizer, manager, tasks: list[str], args, label: str) -> dict:
+    """{task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}} through the lm-eval adapter (`acc` is what
+    the paper reports); with `--lm-eval-dir`, lm-eval's own results JSON of this row goes to `<dir>/<label>.json`."""
     import lm_eval
 
     from fairy2i_jax.evaluation.lm_eval_adapter import LogitsLM
@@ -333,9 +292,20 @@ def task_metrics(model, logits_fn, tokenizer, manager, tasks: list[str], args) -
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, num_fewshot=args.num_fewshot,
                                   limit=limit, log_samples=False, verbosity="ERROR")
+    if args.lm_eval_dir:
+        write_lm_eval_results(out, Path(args.lm_eval_dir) / f"{label}.json")
     results = out["results"]
-    return {t: {"acc": results[t].get("acc,none"), "acc_stderr": results[t].get("acc_stderr,none")}
-            for t in tasks if t in results}
+    metrics = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
+    return {t: {m: results[t].get(f"{m},none") for m in metrics} for t in tasks if t in results}
+
+
+def write_lm_eval_results(out: dict, path: Path) -> None:
+    """lm-eval's results dict as its own CLI writes it (samples left out, non-JSON values made printable)."""
+    from lm_eval.utils import handle_non_serializable
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({k: v for k, v in out.items() if k != "samples"}, indent=2,
+                               default=handle_non_serializable) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -356,37 +326,38 @@ def run(args) -> list[dict]:
     tasks = _csv(args.tasks)
     if not files and not datasets and not tasks:
         raise EvalError("nothing to evaluate: give --ppl-files, --ppl-datasets and/or --tasks")
-    for spec in args.model:
-        check_model_spec(spec)
+    models = [check_model_spec(spec) for spec in args.model]
     manager = resolve_task_manager(tasks, args.tasks_include, not args.no_builtin_tasks)
     files += read_ppl_datasets(datasets)  # last: the slow download comes after every cheap check
     buckets = sorted(set(([args.seqlen] if files else []) + (list(default_buckets(args.max_length, 64))
                                                                if tasks else [])))
     rows = []
-    for spec in args.model:
-        base, tok, name = load_model(spec, args.compute_dtype)
+    for spec, source in zip(args.model, models):
+        base, tok, name = load_model(source, args.compute_dtype)
         windows = {(f.name, p): perplexity_windows(f, tok, p, args) for f in files for p in protocols}
         for setting in settings:
             print(f"[eval] {name} {setting.label}", file=sys.stderr, flush=True)
             start = time.perf_counter()
             row = {"model": name, "path": spec, "quant": setting.label,
-                   "numerics": None if setting.quant in ("fp", "trained") else args.numerics,
-                   **evaluate_setting(base, tok, setting, windows, tasks, manager, buckets, args)}
+                   "numerics": None if setting.quant in EVALUATION_SETTINGS else args.numerics,
+                   **evaluate_setting(base, tok, setting, windows, tasks, manager, buckets, args,
+                                      label=f"{name}__{setting.label}".replace(":", "_"))}
             rows.append({**row, "seconds": round(time.perf_counter() - start, 1)})
     return rows
 
 
 def evaluate_setting(base, tokenizer, setting: Setting, windows: dict, tasks: list[str], manager, buckets,
-                     args) -> dict:
+                     args, label: str) -> dict:
     """`compute_dtype`, `ppl` and `tasks` of one setting of one model (one jitted logits function)."""
     from fairy2i_jax.evaluation import jax_logits_fn
+    from fairy2i_jax.hf.tokenizer import pad_token_id
 
-    pad_id = next((int(i) for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    pad_id = pad_token_id(tokenizer)
     model = model_for(base, setting, args.numerics)
     fn = jax_logits_fn(model, buckets=buckets, batch_size=args.batch_size, pad_id=pad_id)
     return {"compute_dtype": str(np.dtype(model.config.compute_dtype)),
             "ppl": perplexity_metrics(fn, windows, args, pad_id),
-            "tasks": task_metrics(model, fn, tokenizer, manager, tasks, args) if tasks else {}}
+            "tasks": task_metrics(model, fn, tokenizer, manager, tasks, args, label) if tasks else {}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -395,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         rows = run(args)
-    except EvalError as e:
+    except Fairy2iError as e:
         print(f"eval.py: error: {e}", file=sys.stderr)
         return 2
     from fairy2i_jax.evaluation.report import environment, markdown_table, token_notes

@@ -1,4 +1,14 @@
-"""lm-eval 0.4 adapter: any logits function + tokenizer as an `lm_eval.api.model.LM`.
+"""lm-eval 0.4 adapter: any logits function + tokenizer as an `lm_eval.api.model.TemplateLM`, and the registered
+`fairy2i` model that lm-eval's own CLI runs.
+
+`LogitsLM(logits_fn, tokenizer, ...)` answers lm-eval's requests through any logits function (a jitted JAX model,
+a torch oracle). `Fairy2iLM` (`@register_model("fairy2i")`) builds one from model arguments: `pretrained=SOURCE`
+(any model source of `fairy2i_jax.sources`), `quant=` (`trained` = the model as loaded, `fp`, or a PTQ preset
+such as `w2`), `numerics=`, `head_fp=`, `compute_dtype=`, `max_length=`, `encoding=`. lm-eval 0.4 has no plugin
+entry point for models, so the registration happens on import: `fairy2i-lm-eval` (=
+`python -m fairy2i_jax.evaluation.lm_eval_cli`) imports this module and then runs lm-eval's own CLI:
+
+    fairy2i-lm-eval run --model fairy2i --model_args pretrained=DIR,quant=w2 --tasks arc_easy
 
 Context / continuation encoding for `loglikelihood` (reference G.2), chosen with `encoding=`:
 
@@ -8,7 +18,7 @@ Context / continuation encoding for `loglikelihood` (reference G.2), chosen with
   only BOS), an empty context becomes `[EOS]`; the continuation is `encode(continuation,
   add_special_tokens=False)`, encoded on its own. A continuation " Paris" is thus scored as the tokens of
   "Paris" without its leading space (with a sentencepiece tokenizer: as a word start, "▁Paris").
-- `"harness"` (lm-eval 0.4 `HFLM` / `TemplateLM._encode_pair`): nothing is stripped; trailing spaces of the
+- `"harness"` (lm-eval 0.4 `HFLM`: `TemplateLM._encode_pair`, inherited): nothing is stripped; trailing spaces of the
   context move to the front of the continuation; `whole = encode(context + continuation)` and
   `ctx = encode(context)` with the tokenizer's default special tokens, and the continuation is `whole[len(ctx):]`
   (so the continuation keeps its leading space and merges across the boundary as the tokenizer does);
@@ -38,11 +48,13 @@ import os
 from typing import Any, Sequence
 
 import numpy as np
-from lm_eval.api.model import LM
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from fairy2i_jax.evaluation.logits import LogitsFn, pad_rows, score_sequences
+from fairy2i_jax.evaluation.logits import LogitsFn, default_buckets, jax_logits_fn, pad_rows, score_sequences
+from fairy2i_jax.hf.tokenizer import pad_token_id
 
 ENCODINGS = ("official", "harness")
 GEN_CHUNK = 16  # decode steps between stop-string checks on the KV-cache path
@@ -65,22 +77,8 @@ def encode_official(tokenizer, context: str, continuation: str) -> tuple[list[in
     return ctx, list(tokenizer.encode(continuation, add_special_tokens=False))
 
 
-def encode_harness(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """lm-eval 0.4 `HFLM` encoding (module docstring): whole-string encode, then split at the context length."""
-    if context == "":
-        cont = list(tokenizer.encode(continuation, add_special_tokens=False))
-        prefix = _prefix_id(tokenizer)
-        return (cont[:1], cont[1:]) if cont and cont[0] == prefix else ([prefix], cont)
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    whole = list(tokenizer.encode(context + continuation))
-    ctx = list(tokenizer.encode(context))
-    return ctx, whole[len(ctx):]
-
-
-class LogitsLM(LM):
-    """An lm-eval `LM` over a logits function (`fairy2i_jax.evaluation.logits`) and an HF-style tokenizer."""
+class LogitsLM(TemplateLM):
+    """An lm-eval `TemplateLM` over a logits function (`fairy2i_jax.evaluation.logits`) and an HF-style tokenizer."""
 
     def __init__(self, logits_fn: LogitsFn, tokenizer, max_length: int = 2048, batch_size: int = 8,
                  encoding: str = "official", max_gen_toks: int = 256, progress: bool = True, model=None):
@@ -98,14 +96,40 @@ class LogitsLM(LM):
         self.logits_fn, self.tokenizer, self.encoding = logits_fn, tokenizer, encoding
         self.max_length, self.batch_size, self.max_gen_toks = int(max_length), int(batch_size), int(max_gen_toks)
         self.progress, self.model = progress, model
-        pad = getattr(tokenizer, "pad_token_id", None)
-        self.pad_id = int(pad if pad is not None else tokenizer.eos_token_id)
+        self.pad_id = pad_token_id(tokenizer)
 
     # ------------------------------------------------------------------ encoding and scoring
+    @property
+    def eot_token_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+    @property
+    def prefix_token_id(self) -> int:
+        """What an empty context starts from: BOS, else EOS."""
+        return _prefix_id(self.tokenizer)
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        """Token ids with the tokenizer's default special tokens, or as `add_special_tokens` says."""
+        flags = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+        return list(self.tokenizer.encode(string, **flags))
+
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """(context ids, continuation ids) under this adapter's `encoding`."""
-        fn = encode_official if self.encoding == "official" else encode_harness
-        return fn(self.tokenizer, context, continuation)
+        """(context ids, continuation ids) under this adapter's `encoding` (module docstring)."""
+        if self.encoding == "official":
+            return encode_official(self.tokenizer, context, continuation)
+        if context == "":  # TemplateLM.loglikelihood's rule for an empty context
+            cont = self.tok_encode(continuation, add_special_tokens=False)
+            prefix = self.prefix_token_id
+            return (cont[:1], cont[1:]) if cont and cont[0] == prefix else ([prefix], cont)
+        return self._encode_pair(context, continuation)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """TemplateLM's scoring hook: `((context, continuation), ctx ids, cont ids)` -> `score_pairs`."""
+        results = self.score_pairs([(ctx, cont) for _, ctx, cont in requests])
+        for (args, _, _), result in zip(requests, results):
+            if args is not None:
+                self.cache_hook.add_partial("loglikelihood", args, result)
+        return results
 
     def score_pairs(self, pairs: Sequence[tuple[list[int], list[int]]],
                     desc: str = "loglikelihood") -> list[tuple[float, bool]]:
@@ -128,10 +152,7 @@ class LogitsLM(LM):
     # ------------------------------------------------------------------ lm-eval API
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """`req.args = (context, continuation)` -> (log-likelihood of the continuation, is greedy)."""
-        results = self.score_pairs([self.encode_pair(*req.args) for req in requests])
-        for req, result in zip(requests, results):
-            self.cache_hook.add_partial("loglikelihood", req.args, result)
-        return results
+        return self._loglikelihood_tokens([(req.args, *self.encode_pair(*req.args)) for req in requests])
 
     def rolling_windows(self, text: str) -> list[tuple[list[int], list[int]]]:
         """Disjoint (context, prediction) windows of `text` that predict every token once (module docstring)."""
@@ -233,6 +254,36 @@ def _cut_at_stop(text: str, until: Sequence[str]) -> str:
             if idx >= 0:
                 cut = min(cut, idx)
     return text[:cut]
+
+
+@register_model("fairy2i")
+class Fairy2iLM(LogitsLM):
+    """lm-eval's ``--model fairy2i`` (module docstring): a model source, evaluated as ``quant``, behind a jitted
+    logits function with the KV cache for generation. lm-eval also passes ``device`` / ``max_batch_size``, which do
+    not apply (JAX places the model)."""
+
+    def __init__(self, pretrained: str, quant: str = "trained", numerics: str = "bf16_exact", head_fp: bool = False,
+                 compute_dtype: str = "float32", max_length: int = 2048, batch_size: int | str = 8,
+                 encoding: str = "official", max_gen_toks: int = 256, device: Any = None,
+                 max_batch_size: Any = None, **unknown):
+        from fairy2i_jax import sources
+        from fairy2i_jax.convert import evaluation_model
+
+        if unknown:
+            raise ValueError(f"unknown fairy2i model_args {sorted(unknown)}; known: pretrained, quant, numerics, "
+                             "head_fp, compute_dtype, max_length, batch_size, encoding, max_gen_toks")
+        loaded = sources.load(pretrained, param_dtype="float32", compute_dtype=compute_dtype)
+        model = evaluation_model(loaded.model, quant, numerics=numerics, lm_head=not _flag(head_fp))
+        batch = 8 if str(batch_size).startswith("auto") else int(batch_size)
+        fn = jax_logits_fn(model, buckets=default_buckets(int(max_length), 64), batch_size=batch,
+                           pad_id=pad_token_id(loaded.tokenizer))
+        super().__init__(fn, loaded.tokenizer, max_length=int(max_length), batch_size=batch, encoding=encoding,
+                         max_gen_toks=int(max_gen_toks), model=model)
+
+
+def _flag(value: Any) -> bool:
+    """A boolean model argument: ``True`` / ``"true"`` / ``"1"`` (lm-eval passes strings from the command line)."""
+    return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
 
 
 def resolve_tasks(names: Sequence[str], include_path: str | os.PathLike | Sequence[str] | None = None,

@@ -31,14 +31,16 @@ so every token after the first is scored exactly once; the last (partial) window
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 
 from fairy2i_jax.evaluation.logits import LogitsFn, score_sequences
 
-PROTOCOLS = ("official", "contiguous")
+Protocol = Literal["official", "contiguous"]
+PROTOCOLS: tuple[str, ...] = typing.get_args(Protocol)
 _ENCODE_BATCH = 1000
 
 

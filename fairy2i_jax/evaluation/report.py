@@ -2,7 +2,8 @@
 
 A row (built by `fairy2i_jax.evaluation.cli.run`) is a dict: `model`, `path`, `quant`, `numerics`,
 `compute_dtype`, `seconds`, `ppl` = {file: {protocol: {"ppl", "ppl_official_denominator", "chunks", "tokens",
-"scored", "positions", "nll_sum"}}} and `tasks` = {task: {"acc", "acc_stderr"}}.
+"scored", "positions", "nll_sum"}}} and `tasks` = {task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}}
+(a metric a task does not report is None).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import datetime
 import math
 import os
 
+TASK_METRICS = ("acc", "acc_norm")  # what the table shows per task (each with its standard error in the JSON)
 
 
 def fmt(x) -> str:
@@ -20,8 +22,17 @@ def fmt(x) -> str:
     return f"{x:.2f}" if abs(x) < 1e5 else f"{x:.3g}"
 
 
+def _pct(metrics: dict, key: str) -> str:
+    """``100 x`` the metric ``± 100 x`` its standard error, "-" when the task does not report it."""
+    value, err = metrics.get(key), metrics.get(f"{key}_stderr")
+    if value is None:
+        return "-"
+    return f"{100 * value:.2f}" + ("" if err is None or math.isnan(err) else f" ± {100 * err:.2f}")
+
+
 def markdown_table(rows: list[dict]) -> str:
-    """One markdown table: a row per (model, setting), perplexity columns per file and protocol, task acc."""
+    """One markdown table: a row per (model, setting), perplexity columns per file and protocol, task acc and
+    acc_norm (percent, ± standard error)."""
     ppl_cols, task_cols = [], []
     for row in rows:
         for name, by_protocol in row["ppl"].items():
@@ -29,17 +40,17 @@ def markdown_table(rows: list[dict]) -> str:
                 cols = [(name, "official", "ppl_official_denominator"), (name, "official", "ppl")] \
                     if protocol == "official" else [(name, protocol, "ppl")]
                 ppl_cols += [c for c in cols if c not in ppl_cols]
-        task_cols += [t for t in row["tasks"] if t not in task_cols]
+        task_cols += [(t, m) for t, found in row["tasks"].items() for m in TASK_METRICS
+                      if found.get(m) is not None and (t, m) not in task_cols]
     titles = {"ppl_official_denominator": "official PPL", "ppl": "official PPL per scored token"}
     head = ["model", "quant", "dtype"] + [
         f"{n} {titles[k]}" if p == "official" else f"{n} {p} PPL" for n, p, k in ppl_cols] + [
-        f"{t} acc" for t in task_cols]
+        f"{t} {m}" for t, m in task_cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["model"], row["quant"], row["compute_dtype"]]
         cells += [fmt(row["ppl"].get(n, {}).get(p, {}).get(k)) for n, p, k in ppl_cols]
-        cells += [fmt(None if row["tasks"].get(t, {}).get("acc") is None else 100 * row["tasks"][t]["acc"])
-                  for t in task_cols]
+        cells += [_pct(row["tasks"].get(t, {}), m) for t, m in task_cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -39,14 +39,17 @@ import functools
 import json
 import os
 import shutil
+import typing
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 
+from fairy2i_jax.convert import model_variables
+from fairy2i_jax.errors import Fairy2iError
 from fairy2i_jax.hf.config_map import config_to_hf
 from fairy2i_jax.hf.keymap import hf_names
 from fairy2i_jax.hf.packed import PACKED_SUFFIXES, module_entry, packed_arrays, packed_shapes, quantization_config
@@ -57,18 +60,20 @@ from fairy2i_jax.hf.safetensors_io import (
     read_header,
     write_sharded,
 )
+from fairy2i_jax.models.config import DTYPE_NAMES
 from fairy2i_jax.models.linear import Linear
 from fairy2i_jax.models.llama import CausalLM
 from fairy2i_jax.widely_linear import from_widely_linear
 
-FORMATS = ("dequantized", "master", "packed")
+ExportFormat = Literal["dequantized", "master", "packed"]
+FORMATS: tuple[str, ...] = typing.get_args(ExportFormat)
 DEFAULT_DTYPE = {"dequantized": "bfloat16", "master": "float32", "packed": "bfloat16"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
                    "generation_config.json")
 
 
-class ExportError(ValueError):
+class ExportError(Fairy2iError, ValueError):
     """An export that cannot be done as asked (bad output dir, a layer the format cannot hold, ...)."""
 
 
@@ -77,8 +82,8 @@ def resolve_dtype(fmt: str, dtype: Any = None) -> np.dtype:
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
     name = str(np.dtype(dtype)) if dtype is not None else DEFAULT_DTYPE[fmt]
-    if name not in ("float32", "bfloat16", "float16"):
-        raise ExportError(f"export dtype must be float32, bfloat16 or float16, got {name}")
+    if name not in DTYPE_NAMES:
+        raise ExportError(f"export dtype must be one of {', '.join(DTYPE_NAMES)}, got {name}")
     return np.dtype(getattr(jax.numpy, name))
 
 
@@ -102,14 +107,14 @@ def linear_slices(model: CausalLM) -> Iterator[tuple[str, Linear, int | None]]:
 def real_master_host(lin: Linear, layer: int | None, dtype: np.dtype) -> np.ndarray:
     """The layer's real master in ``dtype``: complex masters recomposed in float64 numpy (exact), else the kernel."""
     if lin.spec.complex_masters:
-        U, W = (_host(lin.stored_param(k, layer)) for k in ("U", "W"))
+        U, W = (_host(m) for m in lin.masters(layer))
         return from_widely_linear(U, W, dtype=dtype)
-    return _host(lin.stored_param("kernel", layer)).astype(dtype)
+    return _host(lin.real_master(layer)).astype(dtype)
 
 
 def _quantized_host(lin: Linear, layer: int | None, table: nnx.Variable, dtype: np.dtype) -> np.ndarray:
     master = table.get_value() if lin.tied else None
-    return _host(lin.quantized_weight(master, layer)).astype(dtype)
+    return _host(lin.forward_weight(master, layer)).astype(dtype)
 
 
 class _PackedCache:
@@ -129,7 +134,7 @@ def keeps_tied_head(model: CausalLM, fmt: str) -> bool:
     """True when the export keeps ``tie_word_embeddings`` (no ``lm_head`` tensor): the head's matrix is the
     embedding table itself (not quantized), or the format stores masters."""
     cfg, head = model.config, model.lm_head
-    return cfg.tie_word_embeddings and (fmt == "master" or head.spec.kind != "qat")
+    return cfg.tie_word_embeddings and (fmt == "master" or not head.spec.quantized)
 
 
 def _linear_plans(model: CausalLM, fmt: str, dtype: np.dtype) -> Iterator[TensorPlan]:
@@ -139,15 +144,15 @@ def _linear_plans(model: CausalLM, fmt: str, dtype: np.dtype) -> Iterator[Tensor
         shape = (lin.out_features, lin.in_features)
         if lin.tied and keeps_tied_head(model, fmt):
             continue
-        if fmt == "packed" and lin.phase_quantized:
+        if fmt == "packed" and lin.spec.phase_codes:
             for suffix, (s_shape, s_dtype) in packed_shapes(*shape, lin.spec.quant).items():
                 yield TensorPlan(f"{name}.{suffix}", s_shape, s_dtype,
                                  functools.partial(cache.get, name, lin, layer, table, suffix))
             continue
-        if fmt == "packed" and lin.spec.kind == "qat":
+        if fmt == "packed" and lin.spec.quantized:
             raise ExportError(f"{name}: {lin.spec.quant.method} layers have no packed form (packed holds the "
                               "Fairy2i phase codes); export this model as 'dequantized'")
-        if fmt == "master" or lin.spec.kind != "qat":
+        if fmt == "master" or not lin.spec.quantized:
             produce = functools.partial(real_master_host, lin, layer, dtype)
         else:
             produce = functools.partial(_quantized_host, lin, layer, table, dtype)
@@ -162,9 +167,7 @@ def _other_plans(model: CausalLM, dtype: np.dtype) -> Iterator[TensorPlan]:
         value = var.get_value()
         return _host(value if layer is None else value[layer]).astype(dtype)
 
-    for path, var in nnx.iter_graph(model):
-        if not isinstance(var, nnx.Variable) or path[-1] in ("kernel", "U", "W"):
-            continue
+    for path, var in model_variables(model, linear_weights=False).items():
         shape = tuple(var.get_value().shape)
         stacked = cfg.scan_layers and path[0] == "layers"
         for i, name in enumerate(hf_names(path, cfg.scan_layers, cfg.num_layers)):
@@ -185,10 +188,26 @@ def tensor_plans(model: CausalLM, fmt: str, dtype: Any = None) -> list[TensorPla
     return sorted(plans, key=lambda t: _natural_key(t.name))
 
 
+def iter_real_state(model: CausalLM, dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(HF tensor name, numpy array)`` one tensor at a time: the real HF state dict of ``model``.
+
+    The tensors of the ``master`` format: complex masters recomposed with the float64 numpy path of
+    ``from_widely_linear`` (one rounding to ``dtype``), real params as they are, scanned layers split per layer;
+    quantized layers give their masters. ``dtype``: default the param dtype.
+    """
+    for plan in tensor_plans(model, "master", dtype or model.config.param_dtype):
+        yield plan.name, plan.produce()
+
+
+def to_real_state(model: CausalLM, dtype: Any = None) -> dict[str, np.ndarray]:
+    """The whole real HF state dict of ``model`` (:func:`iter_real_state`; prefer the iterator for big models)."""
+    return dict(iter_real_state(model, dtype))
+
+
 def quantized_modules(model: CausalLM) -> dict[str, dict[str, Any]]:
     """``{HF module name: module_entry}`` of every ``qat`` linear (what ``quantization_config`` / the note list)."""
     return {name: module_entry(lin.out_features, lin.in_features, lin.spec.quant)
-            for name, lin, _ in linear_slices(model) if lin.spec.kind == "qat"}
+            for name, lin, _ in linear_slices(model) if lin.spec.quantized}
 
 
 def export_config(model: CausalLM, fmt: str, dtype: Any = None) -> dict[str, Any]:

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from fairy2i_jax.errors import CheckpointError
+
 SUPPORTED_ARCHITECTURES = ("llama",)
 GGUF_MAGIC = b"GGUF"
 
@@ -50,9 +52,9 @@ class _TensorSpec:
     rope_heads: int | None  # number of heads to un-permute for q/k, else None
 
 
-def _err(path: str, msg: str) -> ValueError:
-    """A ValueError that always names the GGUF file."""
-    return ValueError(f"GGUF file {path!r}: {msg}")
+def _err(path: str, msg: str) -> CheckpointError:
+    """A :class:`CheckpointError` that always names the GGUF file."""
+    return CheckpointError(f"GGUF file {path!r}: {msg}")
 
 
 def _open_reader(path: str):

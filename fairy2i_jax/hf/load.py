@@ -23,9 +23,9 @@ from typing import Any, Callable, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from fairy2i_jax.convert import model_variables
 from fairy2i_jax.hf.config_map import config_from_hf
 from fairy2i_jax.hf.keymap import hf_names, is_ignored
 from fairy2i_jax.hf.packed import PackedSource, read_quantization_config
@@ -115,12 +115,10 @@ def open_checkpoint(path: Path) -> tuple[dict, TensorSource]:
     if path.is_file():
         if path.suffix != ".gguf":
             raise CheckpointError(f"{path}: a checkpoint file must be .gguf; otherwise pass the HF directory")
-        from fairy2i_jax.hf import gguf
+        from fairy2i_jax.hf.gguf import load_gguf
 
-        reader = getattr(gguf, "read_gguf", None) or getattr(gguf, "load_gguf")
-        checkpoint = reader(path)
-        tensors = checkpoint.tensors
-        return dict(checkpoint.config), MappingSource(tensors, getattr(tensors, "shape", None))
+        checkpoint = load_gguf(path)
+        return dict(checkpoint.config), MappingSource(checkpoint.tensors, checkpoint.tensors.shape)
     hf = read_hf_config(path)
     checkpoint = SafetensorsCheckpoint(path)
     packed_modules = read_quantization_config(hf, str(path))
@@ -129,18 +127,12 @@ def open_checkpoint(path: Path) -> tuple[dict, TensorSource]:
     return hf, PackedSource(checkpoint, packed_modules, str(path))
 
 
-def _variables(model: nnx.Module):
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.Variable):
-            yield path, node
-
-
 def check_tensors(model: CausalLM, source: TensorSource, where: str) -> dict[tuple, list[str]]:
     """The HF names of every param (by path); raises one :class:`CheckpointError` listing every missing,
     unexpected and mis-shaped tensor."""
     cfg = model.config
     names_by_path, expected = {}, {}
-    for path, var in _variables(model):
+    for path, var in model_variables(model).items():
         names = hf_names(path, cfg.scan_layers, cfg.num_layers)
         shape = tuple(var.get_value().shape[1:] if cfg.scan_layers and path[0] == "layers" else var.get_value().shape)
         names_by_path[path] = names
@@ -187,7 +179,7 @@ def fill_from_source(model: CausalLM, source: TensorSource, mesh: Mesh | None = 
     cfg = model.config
     names_by_path = check_tensors(model, source, where)
     single = SingleDeviceSharding(jax.devices()[0])
-    for path, var in _variables(model):
+    for path, var in model_variables(model).items():
         value = var.get_value()
         sharding = single if mesh is None else variable_sharding(var, mesh)
         stacked = cfg.scan_layers and path[0] == "layers"

@@ -17,11 +17,18 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Sequence
+
+from fairy2i_jax.errors import Fairy2iError
 
 # The files `load_tokenizer` looks for in a directory, in the order it tries them.
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 SENTENCEPIECE_FILE = "tokenizer.model"
+
+
+def _special_id(i: int) -> int | None:
+    """A sentencepiece special-token id, or None for its -1 ('no such token')."""
+    return None if i < 0 else int(i)
 
 
 class SentencePieceTokenizer:
@@ -34,26 +41,10 @@ class SentencePieceTokenizer:
         self.sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
         self.add_bos_token, self.add_eos_token = add_bos_token, add_eos_token
 
-    @staticmethod
-    def _id_or_none(i: int) -> int | None:
-        """sentencepiece uses -1 for 'no such token'."""
-        return None if i < 0 else int(i)
-
-    @property
-    def bos_token_id(self) -> int | None:
-        return self._id_or_none(self.sp.bos_id())
-
-    @property
-    def eos_token_id(self) -> int | None:
-        return self._id_or_none(self.sp.eos_id())
-
-    @property
-    def pad_token_id(self) -> int | None:
-        return self._id_or_none(self.sp.pad_id())
-
-    @property
-    def unk_token_id(self) -> int | None:
-        return self._id_or_none(self.sp.unk_id())
+    bos_token_id = property(lambda self: _special_id(self.sp.bos_id()), doc="BOS id, None when the model has none")
+    eos_token_id = property(lambda self: _special_id(self.sp.eos_id()), doc="EOS id, None when the model has none")
+    pad_token_id = property(lambda self: _special_id(self.sp.pad_id()), doc="PAD id, None when the model has none")
+    unk_token_id = property(lambda self: _special_id(self.sp.unk_id()), doc="UNK id, None when the model has none")
 
     @property
     def vocab_size(self) -> int:
@@ -97,6 +88,39 @@ class SentencePieceTokenizer:
         return f"SentencePieceTokenizer({self.name_or_path!r}, vocab_size={self.vocab_size})"
 
 
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (ids 0..255) plus EOS 256, BOS 257, PAD 258 (vocab 260, one spare id): the tokenizer
+    of the ``random:`` model sources (:mod:`fairy2i_jax.sources`), a real tokenizer small enough for tests."""
+
+    eos_token_id, bos_token_id, pad_token_id = 256, 257, 258
+    vocab_size = 260
+    name_or_path = "bytes"
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = list(text.encode("utf-8"))
+        return [self.bos_token_id, *ids] if add_special_tokens else ids
+
+    def __call__(self, texts, add_special_tokens: bool = True):
+        if isinstance(texts, str):
+            return {"input_ids": self.encode(texts, add_special_tokens)}
+        return {"input_ids": [self.encode(t, add_special_tokens) for t in texts]}
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS, else 0 (padded positions are
+    always masked, so only the id's range matters). The one home of this fallback."""
+    for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
 def _special_flags(directory: str) -> dict[str, bool]:
     """`add_bos_token` / `add_eos_token` from a `tokenizer_config.json` next to `tokenizer.model`, if any."""
     cfg_path = os.path.join(directory, "tokenizer_config.json")
@@ -107,10 +131,14 @@ def _special_flags(directory: str) -> dict[str, bool]:
     return {k: bool(cfg[k]) for k in ("add_bos_token", "add_eos_token") if k in cfg}
 
 
-def _not_found(path: str, why: str) -> FileNotFoundError:
+class TokenizerNotFound(Fairy2iError, FileNotFoundError):
+    """A path that holds no usable tokenizer (the message names every file looked for)."""
+
+
+def _not_found(path: str, why: str) -> TokenizerNotFound:
     """The one error for a path that holds no usable tokenizer, naming every file looked for."""
     looked = ", ".join((*HF_TOKENIZER_FILES, SENTENCEPIECE_FILE))
-    return FileNotFoundError(f"no tokenizer at {path!r}: {why}; looked for a .gguf or .model file, "
+    return TokenizerNotFound(f"no tokenizer at {path!r}: {why}; looked for a .gguf or .model file, "
                              f"or a directory with one of: {looked}")
 
 

@@ -11,14 +11,20 @@ RoPE scaling is a :class:`RopeScaling` (frozen): ``rope_type`` is ``default``, `
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import typing
+from typing import Any, Literal
 
 import jax.numpy as jnp
 import numpy as np
 
-ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
-REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+RopeType = Literal["default", "linear", "llama3", "dynamic"]
+RematPolicy = Literal["none", "full", "dots", "dots_with_no_batch_dims"]
+ModelType = Literal["llama", "mistral", "qwen2", "qwen3"]
+DtypeName = Literal["float32", "bfloat16", "float16"]  # dtypes a config or CLI may name for params / compute
+ROPE_TYPES: tuple[str, ...] = typing.get_args(RopeType)
+REMAT_POLICIES: tuple[str, ...] = typing.get_args(RematPolicy)
+MODEL_TYPES: tuple[str, ...] = typing.get_args(ModelType)
+DTYPE_NAMES: tuple[str, ...] = typing.get_args(DtypeName)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,11 +163,6 @@ class ModelConfig:
         for flag in ("tie_word_embeddings", "attention_bias", "o_bias", "mlp_bias", "qk_norm", "scan_layers"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"ModelConfig.{flag} must be a bool, got {getattr(self, flag)!r}")
-
-    @property
-    def num_kv_groups(self) -> int:
-        """Query heads per key/value head (GQA): ``num_heads // num_kv_heads``."""
-        return self.num_heads // self.num_kv_heads
 
     def replace(self, **changes) -> "ModelConfig":
         """A copy with ``changes`` applied (validated again)."""

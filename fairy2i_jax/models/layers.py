@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fairy2i_jax.models.config import ModelConfig
+from fairy2i_jax.models.config import REMAT_POLICIES, ModelConfig
 from fairy2i_jax.models.linear import REAL, Linear, LinearSpec
 from fairy2i_jax.models.rope import apply_rope
 
@@ -167,6 +167,14 @@ class DecoderLayer(nnx.Module):
         return h + self.mlp(self.post_attention_layernorm(h), weights), kv
 
 
+REMAT_POLICY_FNS = {  # every name of models.config.RematPolicy but "none"
+    "full": None,  # save nothing
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+assert set(REMAT_POLICY_FNS) | {"none"} == set(REMAT_POLICIES), "remat policy names out of sync"
+
+
 def layer_apply_fn(graphdef: Any, remat: str):
     """A pure ``(state, x, cos, sin, allowed, weights, kv_cache, cache_start) -> (x, kv)`` for one layer, wrapped in
     ``jax.checkpoint`` with the named policy (``none``: no remat; ``full``: save nothing; ``dots``: save matmul
@@ -178,9 +186,4 @@ def layer_apply_fn(graphdef: Any, remat: str):
 
     if remat == "none":
         return apply
-    policies = {
-        "full": None,
-        "dots": jax.checkpoint_policies.checkpoint_dots,
-        "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-    }
-    return jax.checkpoint(apply, policy=policies[remat])
+    return jax.checkpoint(apply, policy=REMAT_POLICY_FNS[remat])

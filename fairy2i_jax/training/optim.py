@@ -26,37 +26,52 @@ Clipping uses the global norm of the optimizer-space gradient, so with ``real`` 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import typing
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from fairy2i_jax.training.config import OptimizerSection
+from fairy2i_jax.convert import model_variables
+from fairy2i_jax.models.linear import MASTER_NAMES, ComplexMaster
 from fairy2i_jax.training.schedule import make_schedule
 from fairy2i_jax.widely_linear import decompose_planes, recompose_planes
 
+if TYPE_CHECKING:
+    from fairy2i_jax.training.config import OptimizerSection
+
 Tree = Any
 OPT_DTYPE = jnp.float32
+Coordinates = Literal["real", "complex"]
+OptimizerName = Literal["adamw", "sgd"]
+COORDINATES: tuple[str, ...] = typing.get_args(Coordinates)
+OPT_REAL_NAME = "A"  # the optimizer-space leaf of a linear's real weight (real coordinates)
+OPTIMIZERS: tuple[str, ...] = typing.get_args(OptimizerName)
 
 
-def is_complex_linear(node: Any) -> bool:
-    """A param dict holding complex masters ``U`` and ``W``."""
-    return (isinstance(node, dict) and "U" in node and "W" in node and hasattr(node["U"], "dtype")
-            and jnp.issubdtype(node["U"].dtype, jnp.complexfloating))
+MasterNodes = frozenset  # paths (tuples of str keys) of the param-dict nodes that hold complex masters
 
 
-def _walk(tree: Tree, on_linear: Callable[[dict], dict], on_leaf: Callable[[Any], Any]) -> Tree:
-    """Rebuild a nested param dict, calling ``on_linear`` on complex-linear nodes and ``on_leaf`` elsewhere."""
-    if is_complex_linear(tree):
+def master_nodes(model) -> MasterNodes:
+    """The paths of ``model``'s linears that store :class:`~fairy2i_jax.models.linear.ComplexMaster` variables
+    (found by variable type), as tuples of string keys of the pure param dict."""
+    return frozenset(tuple(str(k) for k in path[:-1]) for path, var in model_variables(model).items()
+                     if isinstance(var, ComplexMaster))
+
+
+def _walk(tree: Tree, masters: MasterNodes, on_linear: Callable[[dict], dict], on_leaf: Callable[[Any], Any],
+          path: tuple[str, ...] = ()) -> Tree:
+    """Rebuild a nested param dict, calling ``on_linear`` on the nodes in ``masters`` and ``on_leaf`` elsewhere."""
+    if path in masters:
         return on_linear(tree)
     if isinstance(tree, dict):
-        return {k: _walk(v, on_linear, on_leaf) for k, v in tree.items()}
+        return {k: _walk(v, masters, on_linear, on_leaf, (*path, str(k))) for k, v in tree.items()}
     return on_leaf(tree)
 
 
 def _rest(node: dict, f: Callable[[Any], Any]) -> dict:
-    return {k: f(v) for k, v in node.items() if k not in ("U", "W")}
+    return {k: f(v) for k, v in node.items() if k not in MASTER_NAMES}
 
 
 def _f32(x):
@@ -68,64 +83,62 @@ def grad_planes(g: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.real(g).astype(OPT_DTYPE), (-jnp.imag(g)).astype(OPT_DTYPE)
 
 
-def grads_to_opt(grads: Tree, coordinates: str) -> Tree:
+def _value_planes(z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return jnp.real(z).astype(OPT_DTYPE), jnp.imag(z).astype(OPT_DTYPE)
+
+
+def _to_opt(tree: Tree, masters: MasterNodes, coordinates: str, planes: Callable, scale: float) -> Tree:
+    """Optimizer space of a param-shaped tree: per master node ``scale * R(planes(U), planes(W))`` as ``A``
+    (real coordinates) or the stacked planes of ``U`` and ``W`` (complex coordinates)."""
+    u, w = MASTER_NAMES
+    if coordinates == "real":
+        def linear(node):
+            return {**_rest(node, _f32), OPT_REAL_NAME: scale * recompose_planes(*planes(node[u]), *planes(node[w]))}
+    else:
+        def linear(node):
+            return {**_rest(node, _f32), u: jnp.stack(planes(node[u])), w: jnp.stack(planes(node[w]))}
+    return _walk(tree, masters, linear, _f32)
+
+
+def grads_to_opt(grads: Tree, masters: MasterNodes, coordinates: str) -> Tree:
     """Optimizer-space gradient: real ``G = R(g_theta) / 2`` per linear, or the planes ``g_theta``."""
-    if coordinates == "real":
-        def linear(node):
-            return {**_rest(node, _f32), "A": 0.5 * recompose_planes(*grad_planes(node["U"]), *grad_planes(node["W"]))}
-    else:
-        def linear(node):
-            return {**_rest(node, _f32), "U": jnp.stack(grad_planes(node["U"])), "W": jnp.stack(grad_planes(node["W"]))}
-    return _walk(grads, linear, _f32)
+    return _to_opt(grads, masters, coordinates, grad_planes, 0.5)
 
 
-def params_to_opt(params: Tree, coordinates: str) -> Tree:
+def params_to_opt(params: Tree, masters: MasterNodes, coordinates: str) -> Tree:
     """Optimizer-space params (for weight decay): ``A = R(theta)`` per linear, or the planes ``theta``."""
-    def planes(z):
-        return jnp.real(z).astype(OPT_DTYPE), jnp.imag(z).astype(OPT_DTYPE)
-
-    if coordinates == "real":
-        def linear(node):
-            return {**_rest(node, _f32), "A": recompose_planes(*planes(node["U"]), *planes(node["W"]))}
-    else:
-        def linear(node):
-            return {**_rest(node, _f32), "U": jnp.stack(planes(node["U"])), "W": jnp.stack(planes(node["W"]))}
-    return _walk(params, linear, _f32)
+    return _to_opt(params, masters, coordinates, _value_planes, 1.0)
 
 
-def updates_from_opt(updates: Tree, params: Tree, coordinates: str) -> Tree:
+def updates_from_opt(updates: Tree, params: Tree, masters: MasterNodes, coordinates: str,
+                     path: tuple[str, ...] = ()) -> Tree:
     """Param-space deltas from optimizer-space updates: ``(dU, dW) = D(dA)``, or ``dU = d re + i d im``."""
-    if isinstance(params, dict) and is_complex_linear(params):
-        rest = {k: updates[k].astype(params[k].dtype) for k in params if k not in ("U", "W")}
-        dtype = params["U"].dtype
+    if path in masters:
+        u, w = MASTER_NAMES
+        rest = {k: updates[k].astype(params[k].dtype) for k in params if k not in MASTER_NAMES}
+        dtype = params[u].dtype
         if coordinates == "real":
-            u_re, u_im, w_re, w_im = decompose_planes(updates["A"])
-            return {**rest, "U": jax.lax.complex(u_re, u_im).astype(dtype),
-                    "W": jax.lax.complex(w_re, w_im).astype(dtype)}
-        return {**rest, "U": jax.lax.complex(updates["U"][0], updates["U"][1]).astype(dtype),
-                "W": jax.lax.complex(updates["W"][0], updates["W"][1]).astype(dtype)}
+            u_re, u_im, w_re, w_im = decompose_planes(updates[OPT_REAL_NAME])
+            return {**rest, u: jax.lax.complex(u_re, u_im).astype(dtype), w: jax.lax.complex(w_re, w_im).astype(dtype)}
+        return {**rest, u: jax.lax.complex(updates[u][0], updates[u][1]).astype(dtype),
+                w: jax.lax.complex(updates[w][0], updates[w][1]).astype(dtype)}
     if isinstance(params, dict):
-        return {k: updates_from_opt(updates[k], v, coordinates) for k, v in params.items()}
+        return {k: updates_from_opt(updates[k], v, masters, coordinates, (*path, str(k))) for k, v in params.items()}
     return updates.astype(params.dtype)
 
 
-def opt_space_names(names: Tree, coordinates: str) -> Tree:
+def opt_space_names(names: Tree, masters: MasterNodes, coordinates: str) -> Tree:
     """Logical axis names of the optimizer-space leaves from those of the params (``A`` shards like the real
     kernel, i.e. like U; planes get an unsharded leading axis)."""
-    def is_linear(node):
-        return isinstance(node, dict) and "U" in node and "W" in node and not isinstance(node["U"], dict)
+    u, w = MASTER_NAMES
 
-    def walk(node):
-        if is_linear(node):
-            rest = {k: v for k, v in node.items() if k not in ("U", "W")}
-            if coordinates == "real":
-                return {**rest, "A": node["U"]}
-            return {**rest, "U": node["U"].with_leading(None), "W": node["W"].with_leading(None)}
-        if isinstance(node, dict):
-            return {k: walk(v) for k, v in node.items()}
-        return node
+    def linear(node):
+        rest = {k: v for k, v in node.items() if k not in MASTER_NAMES}
+        if coordinates == "real":
+            return {**rest, OPT_REAL_NAME: node[u]}
+        return {**rest, u: node[u].with_leading(None), w: node[w].with_leading(None)}
 
-    return walk(names)
+    return _walk(names, masters, linear, lambda leaf: leaf)
 
 
 def make_optimizer(opt: OptimizerSection, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:

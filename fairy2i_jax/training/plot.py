@@ -10,12 +10,13 @@ logged any. Needs matplotlib (``pip install matplotlib``, in the ``test`` extra)
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from fairy2i_jax.jsonl import iter_jsonl
 
 
 @dataclass(frozen=True)
@@ -39,13 +40,7 @@ def read_curve(run_dir: str | Path) -> Curve:
         raise FileNotFoundError(f"{path} does not exist (not a training run directory?)")
     train: dict[int, float] = {}
     evals: dict[int, float] = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {number}: not JSON ({e})") from None
+    for _, entry in iter_jsonl(path):
         if not isinstance(entry, dict) or "step" not in entry or entry.get("loss") is None:
             continue
         event = entry.get("event")

@@ -7,13 +7,17 @@ the first update uses ``s = 0`` and, with warmup, a learning rate of 0, like the
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+import typing
+from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 import jax.numpy as jnp
 
-from fairy2i_jax.training.config import OptimizerSection
+if TYPE_CHECKING:
+    from fairy2i_jax.training.config import OptimizerSection
 
 Schedule = Callable[[object], object]
+ScheduleName = Literal["wsd", "cosine", "constant"]
+SCHEDULES: tuple[str, ...] = typing.get_args(ScheduleName)
 
 
 def warmup_factor(step, warmup_steps: int):

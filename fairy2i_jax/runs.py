@@ -1,12 +1,17 @@
-"""Checkpoints of a run directory with orbax: train state, data-iterator position, step and config.
+"""A training run directory on disk: its layout, its orbax checkpoints, and reading a trained model's params back.
 
-Layout of ``run_dir``::
+Layout of ``run_dir`` (the one home of these names)::
 
     config.yaml          the resolved config of the run (written once; a resumed run must match it)
     checkpoints/<step>/  orbax items: ``state`` (params, optimizer state, step, rng: StandardSave),
                          ``data`` (the grain iterator state, JSON, identical on every host) and
                          ``meta`` (step, tokens seen, the resolved config: JSON)
-    metrics.jsonl, events.out.tfevents.*   see :mod:`fairy2i_jax.training.metrics`
+    metrics.jsonl, tensorboard/   see :mod:`fairy2i_jax.training.metrics`
+    hf/                  the export written at the end of the run (default ``export.dir``)
+
+The training loop writes it (:mod:`fairy2i_jax.training`); :mod:`fairy2i_jax.sources` reads a trained model back
+with :meth:`RunCheckpoints.restore_params`, a partial restore of ``state["params"]`` alone (no optimizer moments
+are read, so it needs neither the optimizer nor three times the model's memory).
 
 Saves are asynchronous (``enable_async_checkpointing``), keep the newest ``keep`` steps, never overwrite an
 existing step, and an interrupted save (process killed) leaves only an orbax temporary directory that is never
@@ -17,20 +22,54 @@ and the directory; nothing is deleted. Every restored leaf is checked against th
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import yaml
+
+from fairy2i_jax.errors import Fairy2iError
 
 logger = logging.getLogger(__name__)
 
 Tree = Any
+RUN_CONFIG = "config.yaml"
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
+DEFAULT_EXPORT = "hf"
+STATE_ITEM, PARAMS = "state", "params"
 
 
-class CheckpointCorruptError(RuntimeError):
+class CheckpointCorruptError(Fairy2iError, RuntimeError):
     """A checkpoint exists but cannot be read or does not match the model (nothing was deleted)."""
+
+
+class RunDirError(Fairy2iError, ValueError):
+    """A path that is not a usable run directory (no config, garbled config, no such checkpoint)."""
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """True for a ``train.py`` run directory: ``config.yaml`` and no ``config.json`` (an HF directory)."""
+    path = Path(path)
+    return path.is_dir() and (path / RUN_CONFIG).is_file() and not (path / "config.json").is_file()
+
+
+def read_run_config(run_dir: str | os.PathLike) -> dict:
+    """The mapping in ``<run_dir>/config.yaml``; :class:`RunDirError` naming the file when it is missing or garbled."""
+    path = Path(run_dir) / RUN_CONFIG
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise RunDirError(f"{path}: cannot read the run's config ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise RunDirError(f"{path}: the run's config is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise RunDirError(f"{path}: the run's config must be a mapping, got {type(data).__name__}")
+    return data
 
 
 class RunCheckpoints:
@@ -84,6 +123,23 @@ class RunCheckpoints:
         if not isinstance(restored["data"], dict) or not isinstance(restored["meta"], dict):
             raise CheckpointCorruptError(f"{where}: the data or meta item is not a JSON object. Nothing was deleted.")
         return restored["state"], restored["data"], restored["meta"]
+
+    def restore_params(self, step: int, target: Tree) -> Tree:
+        """``state["params"]`` of checkpoint ``step`` restored into ``target`` (ShapeDtypeStructs with shardings),
+        nothing else read; :class:`CheckpointCorruptError` when unreadable or mismatching."""
+        where = f"checkpoint step {step} in {self.directory}"
+        item = {PARAMS: target}
+        restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), item)
+        if step not in self.steps():
+            raise CheckpointCorruptError(f"{where}: no such checkpoint (available: {self.steps()})")
+        try:  # a standalone checkpointer: the manager's registry ties the item to StandardRestore
+            restored = ocp.PyTreeCheckpointer().restore(self.directory / str(step) / STATE_ITEM, args=ocp.args.PyTreeRestore(
+                item=item, restore_args=restore_args, partial_restore=True))
+        except Exception as e:
+            raise CheckpointCorruptError(f"{where} cannot be read ({type(e).__name__}: {_first_line(e)}). "
+                                         "Nothing was deleted.") from e
+        check_restored(restored, item, where)
+        return restored[PARAMS]
 
     def close(self) -> None:
         self.manager.wait_until_finished()

