@@ -7,7 +7,10 @@
 checkpoint, or ``--step``), or an HF directory / ``.gguf`` file / hub id, exported as it is (``--format master``)
 or as its PTQ model (``--quant w2|w1|...``, needed for ``dequantized`` and ``packed``). Formats, dtypes, tied
 heads and the safety rules (temporary directory, ``--overwrite``) are described in
-:mod:`fairy2i_jax.hf.export`. Errors exit with code 2 and one line naming the problem.
+:mod:`fairy2i_jax.hf.export`; every export gets a model card (``README.md``, :mod:`fairy2i_jax.hf.model_card`).
+``--push-to-hub REPO_ID`` uploads the finished directory (:mod:`fairy2i_jax.hf.hub`); offline
+(``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``) it is refused before any work. Errors exit with code 2 and one
+line naming the problem.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import sys
 from pathlib import Path
 
 from fairy2i_jax.hf.export import DEFAULT_DTYPE, FORMATS, ExportError, export_model
+from fairy2i_jax.hf.hub import HubError, check_online, push_export
+from fairy2i_jax.hf.model_card import card_info
 from fairy2i_jax.hf.safetensors_io import MAX_SHARD_BYTES, CheckpointError
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -85,18 +90,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (once the export is complete)")
     p.add_argument("--max-shard-size", default=f"{MAX_SHARD_BYTES // 10**9}GB", help="safetensors shard size")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
+                   help="upload the finished export to this hub model repo (created if missing; needs the hub online)")
+    p.add_argument("--base-model", metavar="HUB_ID", default=None,
+                   help="the base model's hub id for the model card (default: --from or the run's model.path "
+                        "when it is a hub id)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.push_to_hub:
+            check_online(args.push_to_hub)  # before any work: offline exits 2 with nothing written
         max_shard = parse_size(args.max_shard_size)
         model, tokenizer_from, protected = load_source(args)
+        card = card_info(args.source, is_run_dir(Path(args.source).expanduser()), preset=args.quant,
+                         base_model=args.base_model, repo_id=args.push_to_hub, step=args.step)
         result = export_model(model, args.out, args.format, dtype=args.dtype, tokenizer_from=tokenizer_from,
                               overwrite=args.overwrite, max_shard_bytes=max_shard, protected=protected,
-                              progress=not args.no_progress)
-    except (ExportError, CheckpointError, ValueError, FileNotFoundError) as e:
+                              progress=not args.no_progress, model_card=card)
+    except (ExportError, CheckpointError, HubError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     size = result.size
@@ -104,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{sum(f.endswith('.safetensors') for f in result.files)} safetensors file(s))")
     if size.bits_per_packed_weight is not None:
         print(f"packed layers: {size.bits_per_packed_weight:.3f} bits per quantized weight, scales included")
+    if args.push_to_hub:
+        try:
+            print(f"uploaded to {push_export(result.path, args.push_to_hub)}")
+        except HubError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 
