@@ -5,9 +5,12 @@
 
 ``--from``: any model source of :mod:`fairy2i_jax.sources`: a ``train.py`` run directory (the trained QAT model of
 the latest checkpoint, or ``--step``), or an HF directory / ``.gguf`` file / ``pkg:`` file / hub id / ``random:NAME``,
-exported as it is (``--format master``) or as its PTQ model (``--quant w2|w1|...``, needed for ``dequantized`` and ``packed``). Formats, dtypes, tied
-heads and the safety rules (temporary directory, ``--overwrite``) are described in
-:mod:`fairy2i_jax.hf.export`. Errors exit with code 2 and one line naming the problem.
+exported as it is (``--format master``) or as its PTQ model (``--quant w2|w1|...``, needed for ``dequantized``
+and ``packed``). Formats, dtypes, tied heads and the safety rules (temporary directory, ``--overwrite``) are described in
+:mod:`fairy2i_jax.hf.export`; every export gets a model card (``README.md``, :mod:`fairy2i_jax.hf.model_card`).
+``--push-to-hub REPO_ID`` uploads the finished directory (:mod:`fairy2i_jax.hf.hub`); offline
+(``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``) it is refused before any work. Errors exit with code 2 and one
+line naming the problem.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from pathlib import Path
 from fairy2i_jax.convert import QUANT_PRESETS
 from fairy2i_jax.errors import Fairy2iError
 from fairy2i_jax.hf.export import DEFAULT_DTYPE, FORMATS, ExportError, export_model
+from fairy2i_jax.hf.hub import check_online, push_export
+from fairy2i_jax.sources import card_info
 from fairy2i_jax.hf.safetensors_io import MAX_SHARD_BYTES
 from fairy2i_jax.models.config import DTYPE_NAMES
 from fairy2i_jax.quant import NUMERICS
@@ -36,8 +41,8 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
-def load_source(args) -> tuple[object, object, list[Path]]:
-    """``(model, tokenizer files or None, protected paths)`` for ``--from`` (module docstring)."""
+def load_source(args) -> tuple[object, object, object, list[Path]]:
+    """``(resolved source, model, tokenizer files or None, protected paths)`` for ``--from`` (module docstring)."""
     from fairy2i_jax import sources
     from fairy2i_jax.convert import convert
 
@@ -47,14 +52,14 @@ def load_source(args) -> tuple[object, object, list[Path]]:
         if args.quant:
             raise ExportError(f"--quant applies to HF checkpoints; {source.path} is a training run (its config.yaml "
                               "says how it is quantized)")
-        return sources.load_model(source), sources.tokenizer_files(source), protected
+        return source, sources.load_model(source), sources.tokenizer_files(source), protected
     if args.quant is None and args.format != "master":
         raise ExportError(f"--format {args.format} of an HF checkpoint needs --quant (one of "
                           f"{', '.join(QUANT_PRESETS)}): the PTQ model is exported")
     model = sources.load_model(source, param_dtype="float32", compute_dtype="float32")
     if args.quant is not None:
         model = convert(model, args.quant, numerics=args.numerics, lm_head=not args.lm_head_fp)
-    return model, sources.tokenizer_files(source), protected
+    return source, model, sources.tokenizer_files(source), protected
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,18 +80,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (once the export is complete)")
     p.add_argument("--max-shard-size", default=f"{MAX_SHARD_BYTES // 10**9}GB", help="safetensors shard size")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
+                   help="upload the finished export to this hub model repo (created if missing; needs the hub online)")
+    p.add_argument("--base-model", metavar="HUB_ID", default=None,
+                   help="the base model's hub id for the model card (default: --from or the run's model.path "
+                        "when it is a hub id)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.push_to_hub:
+            check_online(args.push_to_hub)  # before any work: offline exits 2 with nothing written
         max_shard = parse_size(args.max_shard_size)
-        model, tokenizer_from, protected = load_source(args)
+        source, model, tokenizer_from, protected = load_source(args)
+        card = card_info(source, preset=args.quant, base_model=args.base_model, repo_id=args.push_to_hub)
         result = export_model(model, args.out, args.format, dtype=args.dtype, tokenizer_from=tokenizer_from,
                               overwrite=args.overwrite, max_shard_bytes=max_shard, protected=protected,
-                              progress=not args.no_progress)
-    except (Fairy2iError, FileNotFoundError) as e:
+                              progress=not args.no_progress, model_card=card)
+    except Fairy2iError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     size = result.size
@@ -94,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{sum(f.endswith('.safetensors') for f in result.files)} safetensors file(s))")
     if size.bits_per_packed_weight is not None:
         print(f"packed layers: {size.bits_per_packed_weight:.3f} bits per quantized weight, scales included")
+    if args.push_to_hub:
+        try:
+            print(f"uploaded to {push_export(result.path, args.push_to_hub)}")
+        except Fairy2iError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

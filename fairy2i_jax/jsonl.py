@@ -22,14 +22,18 @@ def open_text(path: str | os.PathLike) -> IO[str]:
     return open(path, encoding="utf-8")
 
 
-def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+def iter_jsonl(path: str | os.PathLike, *, skip_invalid: bool = False) -> Iterator[tuple[int, Any]]:
     """``(line number, parsed value)`` of every non-blank line of ``path`` (``.gz`` read transparently);
-    :class:`JsonlError` ``"<path>:<line>: not valid JSON (<reason>)"`` for a line that does not parse."""
+    :class:`JsonlError` ``"<path>:<line>: not valid JSON (<reason>)"`` for a line that does not parse, or, with
+    ``skip_invalid``, that line left out (a log torn by a killed process and then appended to)."""
     with open_text(path) as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                yield lineno, json.loads(line)
+                value = json.loads(line)
             except json.JSONDecodeError as e:
+                if skip_invalid:
+                    continue
                 raise JsonlError(f"{os.fspath(path)}:{lineno}: not valid JSON ({e.msg})") from None
+            yield lineno, value

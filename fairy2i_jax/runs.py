@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import numpy as np
@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 import yaml
 
 from fairy2i_jax.errors import Fairy2iError
+from fairy2i_jax.jsonl import iter_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -171,3 +172,59 @@ def check_restored(restored: Tree, target: Tree, where: str) -> None:
 
 def _flat(tree: Tree) -> list[tuple[str, Any]]:
     return [(jax.tree_util.keystr(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The JSON objects of ``<run_dir>/metrics.jsonl`` in order, a line torn by a killed run left out; [] without
+    the file."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    return [entry for _, entry in iter_jsonl(path, skip_invalid=True) if isinstance(entry, dict)]
+
+
+def _latest_checkpoint(run_dir: Path) -> int | None:
+    steps = [int(p.name) for p in (run_dir / CHECKPOINTS).glob("*") if p.name.isdigit()]
+    return max(steps) if steps else None
+
+
+def run_summary(run_dir: str | Path, ppl: float | Mapping[str, float] | None = None,
+                step: int | None = None) -> dict[str, Any]:
+    """The training summary of a ``train.py`` run directory (for model cards), as plain data::
+
+        {"run_dir", "model", "preset", "steps", "planned_steps", "tokens", "seq_len", "global_batch", "data",
+         "lr", "schedule", "final_lr", "final_loss", "eval_loss", "ppl": {label: value} or None}
+
+    ``steps``: ``step`` (the exported checkpoint) if given, else the last step logged, else the latest checkpoint;
+    ``final_loss`` / ``final_lr``: logged at that step; ``tokens = steps * global_batch * seq_len``; ``lr``: the
+    configured peak; ``ppl``: the ``{"event": "ppl", "name", "ppl"}`` lines the training loop records (the last per
+    name), overridden by the ``ppl`` argument (a number is named ``trained``). :class:`RunDirError` without a
+    readable ``config.yaml``."""
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    model, quant = cfg.get("model") or {}, cfg.get("quant") or {}
+    data, opt, train = cfg.get("data") or {}, cfg.get("optimizer") or {}, cfg.get("train") or {}
+    metrics = read_metrics(run_dir)
+    steps = [m for m in metrics if "event" not in m and isinstance(m.get("step"), int)]
+    if step is not None:
+        steps = [m for m in steps if m["step"] <= step]
+    last = max(steps, key=lambda m: m["step"]) if steps else {}
+    evals = [m for m in metrics if m.get("event") == "eval" and "loss" in m
+             and (step is None or m.get("step", 0) <= step)]
+    ppls = {str(m.get("name") or m.get("label") or "trained"): float(m["ppl"])
+            for m in metrics if m.get("event") == "ppl" and isinstance(m.get("ppl"), (int, float))}
+    if ppl is not None:
+        ppls.update({"trained": float(ppl)} if isinstance(ppl, (int, float)) else {k: float(v) for k, v in ppl.items()})
+    n_steps = step if step is not None else last.get("step", _latest_checkpoint(run_dir))
+    seq_len, batch = data.get("seq_len"), data.get("global_batch")
+    train_data = data.get("train")
+    return {
+        "run_dir": str(run_dir), "model": model.get("path"), "preset": quant.get("preset"),
+        "steps": n_steps, "planned_steps": train.get("steps"),
+        "tokens": n_steps * batch * seq_len if None not in (n_steps, batch, seq_len) else None,
+        "seq_len": seq_len, "global_batch": batch,
+        "data": [train_data] if isinstance(train_data, str) else list(train_data or []),
+        "lr": opt.get("lr"), "schedule": opt.get("schedule"), "final_lr": last.get("lr"),
+        "final_loss": last.get("loss"), "eval_loss": evals[-1]["loss"] if evals else None,
+        "ppl": ppls or None,
+    }

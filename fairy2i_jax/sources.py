@@ -41,7 +41,7 @@ from fairy2i_jax.hf.packed import QUANT_METHOD
 from fairy2i_jax.hf.tokenizer import ByteTokenizer
 from fairy2i_jax.models.config import DtypeName, ModelConfig, RematPolicy
 from fairy2i_jax.models.llama import CausalLM, abstract_model, init_model
-from fairy2i_jax.runs import CHECKPOINTS, RunCheckpoints, RunDirError, is_run_dir, read_run_config
+from fairy2i_jax.runs import CHECKPOINTS, RunCheckpoints, RunDirError, is_run_dir, read_run_config, run_summary
 from fairy2i_jax.sharding import shard_like_params, variable_sharding
 
 SourceKind = Literal["random", "run", "packed", "hf", "gguf", "hub"]
@@ -313,3 +313,16 @@ def load(spec: ModelSource | str, *, step: int | None = None, **kwargs) -> Loade
     """:func:`resolve` + :func:`load_model` (``kwargs``) + :func:`load_source_tokenizer`."""
     source = spec if isinstance(spec, ModelSource) else resolve(spec, step=step)
     return LoadedModel(load_model(source, **kwargs), load_source_tokenizer(source), source)
+
+
+def card_info(source: ModelSource, *, preset: str | None = None, base_model: str | None = None,
+              repo_id: str | None = None, ppl: float | dict[str, float] | None = None) -> dict[str, Any]:
+    """The :func:`~fairy2i_jax.hf.model_card.build_model_card` keyword arguments of an export of ``source``: the
+    run summary (:func:`fairy2i_jax.runs.run_summary`, at the source's step) for a run directory, the base model
+    (``base_model``, else the source or the run's ``model.path`` when it reads as a hub id), the preset and the
+    repo id."""
+    from fairy2i_jax.hf.model_card import guess_base_model
+
+    run = run_summary(source.path, ppl=ppl, step=source.step) if source.kind == "run" else None
+    base = base_model or guess_base_model(run["model"] if run else source.spec)
+    return {"base_model": base, "run": run, "preset": preset or (run or {}).get("preset"), "repo_id": repo_id}

@@ -68,3 +68,26 @@ def test_run_dir_layout_and_config(tmp_path):
         read_run_config(run)
     with pytest.raises(RunDirError, match="cannot read the run's config"):
         read_run_config(tmp_path / "missing")
+
+
+def test_run_summary_reads_config_metrics_and_perplexity_events(tmp_path):
+    import json
+
+    from fairy2i_jax.runs import run_summary
+    from test_model_card import write_run_dir
+
+    run = write_run_dir(tmp_path / "run")
+    s = run_summary(run)
+    assert (s["steps"], s["planned_steps"], s["seq_len"], s["global_batch"]) == (4, 4, 64, 8)
+    assert s["tokens"] == 4 * 8 * 64 and s["data"] == ["data/austen/train/prideprejudice.txt.gz"]
+    assert (s["lr"], s["final_lr"], s["final_loss"], s["eval_loss"]) == (3e-3, 0.003, 4.25, 4.75)
+    assert (s["model"], s["preset"], s["ppl"]) == ("org/tiny-llama", "w2", None)
+    with open(run / "metrics.jsonl", "a") as f:  # a resumed run appends after the torn line
+        f.write("\n" + json.dumps({"event": "ppl", "step": 4, "name": "trained", "ppl": 70.5}) + "\n")
+    assert run_summary(run)["ppl"] == {"trained": 70.5}
+    assert run_summary(run, ppl=69.0)["ppl"] == {"trained": 69.0}
+    early = run_summary(run, step=2)  # an export of checkpoint 2
+    assert (early["steps"], early["tokens"], early["final_loss"], early["eval_loss"]) == (2, 2 * 8 * 64, 5.0, None)
+    (run / "metrics.jsonl").write_text("")
+    (run / "checkpoints" / "3").mkdir(parents=True)
+    assert (run_summary(run)["steps"], run_summary(run)["final_loss"]) == (3, None)  # nothing logged

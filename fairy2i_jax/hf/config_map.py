@@ -22,6 +22,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from fairy2i_jax.hf.remote import base_model_type
 from fairy2i_jax.models.config import MODEL_TYPES, ROPE_TYPES, ModelConfig, RopeScaling
 
 ARCHITECTURES = {
@@ -99,7 +100,7 @@ def config_from_hf(
     remat: str = "none",
 ) -> ModelConfig:
     """:class:`ModelConfig` from a HF ``config.json`` dict (see the module docstring for family rules)."""
-    model_type = hf.get("model_type")
+    model_type = base_model_type(hf)  # a packed export says model_type "fairy2i" and base_model_type
     if model_type not in MODEL_TYPES:
         raise ValueError(f"unsupported model_type {model_type!r} in config.json; supported: {', '.join(MODEL_TYPES)}")
     act = hf.get("hidden_act", "silu")

@@ -8,8 +8,9 @@ format             each linear's tensors                                        
                    weight), the real master otherwise                                      vLLM, lm-eval, ours
 ``master``         ``weight`` = the real master (complex masters recomposed), what the     transformers, ours (then
                    official PyTorch code saves: training continues in either codebase       ``convert`` to resume QAT)
-``packed``         2-bit codes + scales of every phase-quantized layer                     ``load_pretrained`` (ours)
-                   (:mod:`fairy2i_jax.hf.packed`), ``weight`` for the others
+``packed``         2-bit codes + scales of every phase-quantized layer                     transformers with
+                   (:mod:`fairy2i_jax.hf.packed`), ``weight`` for the others               ``trust_remote_code``,
+                                                                                           ours
 =================  ======================================================================  =========================
 
 Embeddings, norms and biases are exported as they are, cast to ``dtype`` (default: bfloat16 for ``dequantized``
@@ -23,6 +24,8 @@ matrix differs from the (full-precision) embedding table.
 ``config.json`` is ``config_to_hf`` of the model, plus ``quantization_config`` (packed) or a ``fairy2i`` note
 (``{"format", "quantization": {module: spec}}``, dequantized and master) saying how each linear was quantized.
 Tokenizer and generation files are copied from the source HF dir, or written from a GGUF's embedded tokenizer.
+Every export gets a model card ``README.md`` (:mod:`fairy2i_jax.hf.model_card`); a packed one also the
+transformers remote code (:mod:`fairy2i_jax.hf.remote`) and its ``auto_map``.
 
 Streaming and safety: every tensor is planned (name, shape, dtype) before any is computed, then computed on
 device, fetched and written one at a time into safetensors shards of at most 5 GB (+ index), so no host ever
@@ -52,7 +55,9 @@ from fairy2i_jax.convert import model_variables
 from fairy2i_jax.errors import Fairy2iError
 from fairy2i_jax.hf.config_map import config_to_hf
 from fairy2i_jax.hf.keymap import hf_names
+from fairy2i_jax.hf.model_card import write_model_card
 from fairy2i_jax.hf.packed import PACKED_SUFFIXES, module_entry, packed_arrays, packed_shapes, quantization_config
+from fairy2i_jax.hf.remote import copy_remote_code, remote_code_config
 from fairy2i_jax.hf.safetensors_io import (
     MAX_SHARD_BYTES,
     SAFETENSORS_DTYPES,
@@ -220,6 +225,7 @@ def export_config(model: CausalLM, fmt: str, dtype: Any = None) -> dict[str, Any
     if fmt == "packed":
         hf["quantization_config"] = quantization_config(
             {name: entry for name, entry in modules.items() if entry["method"] == "complex_phase"})
+        hf = remote_code_config(hf)  # transformers remote code: model_type fairy2i, base_model_type, auto_map
     else:
         hf["fairy2i"] = {"format": fmt, "quantization": modules}
     return hf
@@ -345,10 +351,12 @@ class ExportResult:
 def export_model(model: CausalLM, out: str | os.PathLike, fmt: str = "dequantized", *, dtype: Any = None,
                  tokenizer_from: str | os.PathLike | None = None, overwrite: bool = False,
                  max_shard_bytes: int = MAX_SHARD_BYTES, protected: Sequence[str | os.PathLike] = (),
-                 progress: bool = True) -> ExportResult:
+                 progress: bool = True, model_card: dict[str, Any] | None = None) -> ExportResult:
     """Export ``model`` to the HF directory ``out`` in ``fmt`` (module docstring). ``tokenizer_from``: the HF dir
     or ``.gguf`` whose tokenizer goes along; ``protected``: paths ``out`` must never replace. Single-process only
-    (each tensor is fetched whole to this host, one at a time). Raises :class:`ExportError`."""
+    (each tensor is fetched whole to this host, one at a time). ``model_card``: keyword arguments of
+    :func:`fairy2i_jax.hf.model_card.build_model_card` (``base_model``, ``run``, ``preset``, ``repo_id``) for the
+    ``README.md`` every export gets. Raises :class:`ExportError`."""
     if jax.process_count() > 1:
         raise ExportError("export runs in a single process: run `python -m fairy2i_jax.export --from RUN_DIR` "
                           "after the multi-host run (it restores the checkpoint on one host)")
@@ -367,6 +375,8 @@ def export_model(model: CausalLM, out: str | os.PathLike, fmt: str = "dequantize
             files = write_sharded(tmp, plans, max_shard_bytes, on_tensor=lambda t: bar.update(t.nbytes))
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         files = [*files, "config.json", *write_side_files(tokenizer_from, tmp, config)]
+        files += copy_remote_code(tmp) if fmt == "packed" else []  # loads with trust_remote_code=True
+        files.append(write_model_card(tmp, config, fmt, **(model_card or {})))
         _commit(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -165,7 +165,7 @@ def _report_ppl(ctx: RunContext, result: RunResult, name: str, model, label: str
     if value is None:
         return
     result.ppl[name] = value
-    ctx.logger.record({"event": "ppl", "name": name, "step": result.step, "value": value,
+    ctx.logger.record({"event": "ppl", "name": name, "step": result.step, "ppl": value,
                        "max_tokens": ctx.cfg.eval.ppl_max_tokens, "seq_len": ctx.cfg.eval.ppl_seq_len})
     ctx.say(f"{label}: {value:.3f}")
 
@@ -313,7 +313,7 @@ def finish(ctx: RunContext, trainer: Trainer, state: TrainState, result: RunResu
     model = trainer.layout.merge(state.params)
     _report_ppl(ctx, result, "trained", model, f"perplexity after training ({cfg.quant.preset}, data.test)")
     ctx.say(f"run directory: {ctx.run_dir} (config.yaml, metrics.jsonl, tensorboard/, checkpoints/{result.step})")
-    result.export_dir = export_run(model, cfg, ctx.run_dir, ctx.source, ctx.say)
+    result.export_dir = export_run(model, cfg, ctx.run_dir, ctx.source, ctx.say, ppl=result.ppl)
 
 
 def run(cfg: TrainConfig) -> RunResult:
@@ -341,7 +341,8 @@ def run(cfg: TrainConfig) -> RunResult:
     return result
 
 
-def export_run(model, cfg: TrainConfig, run_dir: Path, source: sources.ModelSource, say) -> Path | None:
+def export_run(model, cfg: TrainConfig, run_dir: Path, source: sources.ModelSource, say,
+               ppl: dict[str, float] | None = None) -> Path | None:
     """Export the trained model as ``export.format`` into ``export.dir`` (default ``<run_dir>/hf``); an earlier
     export there is replaced, any other non-empty directory refused. None when off or multi-process (then
     ``python -m fairy2i_jax.export``)."""
@@ -354,9 +355,11 @@ def export_run(model, cfg: TrainConfig, run_dir: Path, source: sources.ModelSour
         say(f"HF export skipped in a multi-process run: python -m fairy2i_jax.export --from {run_dir} --out DIR")
         return None
     out = Path(e.dir).absolute() if e.dir else run_dir / runs.DEFAULT_EXPORT
+    card = sources.card_info(sources.resolve(str(run_dir)), ppl=ppl)
     result = export_model(model, out, e.format, dtype=None if e.dtype == "default" else e.dtype,
                           tokenizer_from=sources.tokenizer_files(source), overwrite=is_export_dir(out),
-                          protected=[run_dir / runs.CHECKPOINTS], progress=cfg.train.progress)
-    loads = "transformers.AutoModelForCausalLM" if e.format != "packed" else "fairy2i_jax.load_pretrained"
+                          protected=[run_dir / runs.CHECKPOINTS], progress=cfg.train.progress, model_card=card)
+    loads = ("transformers.AutoModelForCausalLM" if e.format != "packed" else
+             "transformers.AutoModelForCausalLM(trust_remote_code=True) or fairy2i_jax.sources.load")
     say(f"HF export ({e.format}, {result.size.total_bytes / 1e6:.1f} MB): {result.path} (loads with {loads})")
     return result.path
