@@ -7,14 +7,15 @@ Layering. Each module imports only from its own layer or the layers above it in 
 2. ``widely_linear``, ``quant``, ``packing``: the math
 3. ``kernels``: packed matmuls (only the math below them)
 4. ``sharding``, ``models``: the mesh and logical axes; the Flax NNX decoder and its linear kinds
-5. ``convert``: model surgery (presets, plans, conversion, frozen and teacher weights)
+5. ``convert``, ``runs``: model surgery (presets, plans, conversion, frozen and teacher weights); a training run
+   directory on disk (layout, checkpoints, summary)
 6. ``hf``: Hugging Face import and export (safetensors, GGUF, tokenizers, packed format)
-7. ``runs``, ``sources``: a training run directory on disk; every model source a command accepts
+7. ``sources``: every model source a command accepts
 8. ``data``: corpora and the grain pipeline
 9. ``generate``, ``evaluation``: decoding, perplexity, lm-eval
 10. ``training``: config, optimizer, train state and step, loop, metrics
-11. the command lines: ``export``, ``evaluation.cli``, ``evaluation.lm_eval_cli``, ``training.plot``,
-    ``train.py``, ``eval.py`` (and this package's ``__init__``, which re-exports the public API)
+11. the command lines: ``train``, ``export``, ``evaluation.cli``, ``evaluation.lm_eval_cli``, ``training.plot``
+    (and the top-level ``train.py`` / ``eval.py``; this package's ``__init__`` re-exports the public API)
 """
 
 from fairy2i_jax.convert import convert, to_real

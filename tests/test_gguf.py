@@ -167,6 +167,29 @@ def test_smollm2_tokenizer(smol_ck):
     assert (tok.bos_token_id, tok.eos_token_id) == (1, 2)
 
 
+def test_smollm2_tokenizer_equals_transformers_gguf_tokenizer(smol_ck):
+    """Built without torch, yet the same tokenizer as transformers' own GGUF path (which needs torch): ids of
+    held-out prose, special tokens, decoding and the chat template."""
+    import gzip
+    import os
+
+    import transformers
+
+    ours = smol_ck.tokenizer()
+    path = smollm2_gguf_path()
+    ref = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    persuasion = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "austen",
+                              "test", "persuasion.txt.gz")
+    with gzip.open(persuasion, "rt", encoding="utf-8") as f:
+        text = f.read()[:20000] + " 1234 <|im_start|>user\nHi<|im_end|>"
+    assert ours(text)["input_ids"] == ref(text)["input_ids"]
+    assert [ours.bos_token_id, ours.eos_token_id, ours.pad_token_id, len(ours)] == \
+        [ref.bos_token_id, ref.eos_token_id, ref.pad_token_id, len(ref)]
+    chat = [{"role": "user", "content": "Where is Kellynch Hall?"}]
+    assert ours.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+        ref.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+
+
 @smol
 def test_smollm2_truncated_copy(tmp_path):
     cut = tmp_path / "smol_head.gguf"

@@ -11,14 +11,14 @@ PACKAGE = ROOT / "fairy2i_jax"
 # Most specific prefix first; the numbers are the layers of fairy2i_jax/__init__.py's docstring.
 LAYERS = [
     ("fairy2i_jax.evaluation.cli", 11), ("fairy2i_jax.evaluation.lm_eval_cli", 11),
-    ("fairy2i_jax.training.plot", 11), ("fairy2i_jax.export", 11),
+    ("fairy2i_jax.training.plot", 11), ("fairy2i_jax.export", 11), ("fairy2i_jax.train", 11),
     ("fairy2i_jax.errors", 1), ("fairy2i_jax.config", 1), ("fairy2i_jax.jsonl", 1),
     ("fairy2i_jax.widely_linear", 2), ("fairy2i_jax.quant", 2), ("fairy2i_jax.packing", 2),
     ("fairy2i_jax.kernels", 3),
     ("fairy2i_jax.sharding", 4), ("fairy2i_jax.models", 4),
-    ("fairy2i_jax.convert", 5),
+    ("fairy2i_jax.convert", 5), ("fairy2i_jax.runs", 5),
     ("fairy2i_jax.hf", 6),
-    ("fairy2i_jax.runs", 7), ("fairy2i_jax.sources", 7),
+    ("fairy2i_jax.sources", 7),
     ("fairy2i_jax.data", 8),
     ("fairy2i_jax.generate", 9), ("fairy2i_jax.evaluation", 9),
     ("fairy2i_jax.training", 10),

@@ -57,7 +57,20 @@ def test_sharded_load_and_w2_conversion_match_one_device():
     U = quantized.layers[1].mlp.down_proj.U.get_value()
     assert U.shape == (32, 64) and U.sharding.spec == P("fsdp", "tensor")
     assert U.addressable_shards[0].data.shape == (16, 32)
-    np.testing.assert_allclose(logits(quantized, ids, mask, mesh), logits(quantized_single, ids, mask), atol=1e-5)
+    # The conversion is elementwise, so the sharded masters are the single-device ones bit for bit ...
+    for a, b in zip(jax.tree.leaves(nnx.state(quantized)), jax.tree.leaves(nnx.state(quantized_single))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # ... but each stage scale is a float32 mean over a sharded tensor, rounded to bf16: another summation order
+    # can land on the other side of a rounding boundary (probability ~ n u / 2^-8 per scale), changing that
+    # scale by one bf16 ulp (2^-8 relative), the matrix by about that much on average (a later stage's code near
+    # its decision boundary may flip, so entries are compared on average, not one by one).
+    w_sharded, w_single = quantized.effective_weights(), quantized_single.effective_weights()
+    changed = [name for name in w_single if not np.array_equal(np.asarray(w_sharded[name]), np.asarray(w_single[name]))]
+    for name in changed:
+        a, b = (np.asarray(w[name], np.float32) for w in (w_sharded, w_single))
+        assert np.mean(np.abs(a - b)) <= 2**-6 * np.mean(np.abs(b)), name
+    np.testing.assert_allclose(logits(quantized, ids, mask, mesh), logits(quantized_single, ids, mask),
+                               atol=1e-5 if not changed else 5e-2)
 
 
 def test_shard_like_params_places_every_param():

@@ -16,7 +16,7 @@ CONFIGS = ROOT / "configs"
 
 
 def test_presets_load_and_the_7b_preset_is_the_official_recipe():
-    assert DEFAULT_CONFIG == CONFIGS / "smollm2_135m_w2.yaml"
+    assert DEFAULT_CONFIG.resolve() == (CONFIGS / "smollm2_135m_w2.yaml").resolve()  # shipped in the package
     default = load_train_config()
     assert default.model.path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and default.quant.preset == "w2"
     assert load_train_config(CONFIGS / "debug.yaml").model.path == "random:tiny"

@@ -227,13 +227,27 @@ def check_model_spec(spec: str):
         raise EvalError(str(e)) from None
 
 
-def load_model(source, compute_dtype: str):
+def check_lengths(source, args, perplexity: bool, tasks: bool) -> None:
+    """EvalError when ``--seqlen`` (perplexity) or ``--max-length`` (tasks) exceeds the model's positions (read
+    from its config, no weights loaded): what train.py refuses for ``data.seq_len``."""
+    from fairy2i_jax import sources
+
+    try:
+        positions = sources.model_config(source).max_position_embeddings
+    except Fairy2iError as e:
+        raise EvalError(f"cannot read model {source.spec!r}: {e}") from None
+    for flag, value, used in (("--seqlen", args.seqlen, perplexity), ("--max-length", args.max_length, tasks)):
+        if used and value > positions:
+            raise EvalError(f"{flag} {value} exceeds the max_position_embeddings = {positions} of {source.spec}")
+
+
+def load_model(source, compute_dtype: str, progress: bool = True):
     """(CausalLM, tokenizer, display name) of a resolved ``--model`` source (float32 params; a run directory keeps
     its own dtypes); EvalError when it cannot be used."""
     from fairy2i_jax import sources
 
     try:
-        loaded = sources.load(source, param_dtype="float32", compute_dtype=compute_dtype)
+        loaded = sources.load(source, param_dtype="float32", compute_dtype=compute_dtype, progress=progress)
     except (Fairy2iError, FileNotFoundError) as e:
         raise EvalError(f"cannot load model {source.spec!r}: {e}") from None
     return loaded.model, loaded.tokenizer, source.name
@@ -327,13 +341,15 @@ def run(args) -> list[dict]:
     if not files and not datasets and not tasks:
         raise EvalError("nothing to evaluate: give --ppl-files, --ppl-datasets and/or --tasks")
     models = [check_model_spec(spec) for spec in args.model]
+    for source in models:
+        check_lengths(source, args, bool(files or datasets), bool(tasks))
     manager = resolve_task_manager(tasks, args.tasks_include, not args.no_builtin_tasks)
     files += read_ppl_datasets(datasets)  # last: the slow download comes after every cheap check
     buckets = sorted(set(([args.seqlen] if files else []) + (list(default_buckets(args.max_length, 64))
                                                                if tasks else [])))
     rows = []
     for spec, source in zip(args.model, models):
-        base, tok, name = load_model(source, args.compute_dtype)
+        base, tok, name = load_model(source, args.compute_dtype, progress=not args.no_progress)
         windows = {(f.name, p): perplexity_windows(f, tok, p, args) for f in files for p in protocols}
         for setting in settings:
             print(f"[eval] {name} {setting.label}", file=sys.stderr, flush=True)
@@ -375,6 +391,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         report = {"command": "python eval.py " + shlex.join(argv), **environment(), "args": vars(args),
                   "rows": rows}
+        clean, bad = finite_json(report)
+        if bad:
+            print(f"eval.py: warning: non-finite numbers written as null: {', '.join(bad[:5])}"
+                  + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""), file=sys.stderr)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(clean, indent=2, allow_nan=False) + "\n")
     return 0
+
+
+def finite_json(tree, path: str = "") -> tuple[object, list[str]]:
+    """``(tree with every NaN / inf float replaced by None, the dotted paths replaced)``: strict JSON."""
+    if isinstance(tree, float) and not np.isfinite(tree):
+        return None, [path or "(root)"]
+    if isinstance(tree, dict):
+        items = [(k, finite_json(v, f"{path}.{k}" if path else str(k))) for k, v in tree.items()]
+        return {k: v for k, (v, _) in items}, [p for _, (_, bad) in items for p in bad]
+    if isinstance(tree, (list, tuple)):
+        items = [finite_json(v, f"{path}[{i}]") for i, v in enumerate(tree)]
+        return [v for v, _ in items], [p for _, bad in items for p in bad]
+    return tree, []

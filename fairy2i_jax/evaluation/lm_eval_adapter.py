@@ -2,7 +2,11 @@
 `fairy2i` model that lm-eval's own CLI runs.
 
 `LogitsLM(logits_fn, tokenizer, ...)` answers lm-eval's requests through any logits function (a jitted JAX model,
-a torch oracle). `Fairy2iLM` (`@register_model("fairy2i")`) builds one from model arguments: `pretrained=SOURCE`
+a torch oracle). `Fairy2iLM` (`class ModelArgsError(Fairy2iError, ValueError):
+    """A ``--model_args`` entry of ``--model fairy2i`` that does not exist or does not fit."""
+
+
+@register_model("fairy2i")`) builds one from model arguments: `pretrained=SOURCE`
 (any model source of `fairy2i_jax.sources`), `quant=` (`trained` = the model as loaded, `fp`, or a PTQ preset
 such as `w2`), `numerics=`, `head_fp=`, `compute_dtype=`, `max_length=`, `encoding=`. lm-eval 0.4 has no plugin
 entry point for models, so the registration happens on import: `fairy2i-lm-eval` (=
@@ -53,6 +57,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
+from fairy2i_jax.errors import Fairy2iError
 from fairy2i_jax.evaluation.logits import LogitsFn, default_buckets, jax_logits_fn, pad_rows, score_sequences
 from fairy2i_jax.hf.tokenizer import pad_token_id
 
@@ -256,6 +261,10 @@ def _cut_at_stop(text: str, until: Sequence[str]) -> str:
     return text[:cut]
 
 
+class ModelArgsError(Fairy2iError, ValueError):
+    """A ``--model_args`` entry of ``--model fairy2i`` that does not exist or does not fit."""
+
+
 @register_model("fairy2i")
 class Fairy2iLM(LogitsLM):
     """lm-eval's ``--model fairy2i`` (module docstring): a model source, evaluated as ``quant``, behind a jitted
@@ -270,8 +279,8 @@ class Fairy2iLM(LogitsLM):
         from fairy2i_jax.convert import evaluation_model
 
         if unknown:
-            raise ValueError(f"unknown fairy2i model_args {sorted(unknown)}; known: pretrained, quant, numerics, "
-                             "head_fp, compute_dtype, max_length, batch_size, encoding, max_gen_toks")
+            raise ModelArgsError(f"unknown fairy2i model_args {sorted(unknown)}; known: pretrained, quant, numerics, "
+                                 "head_fp, compute_dtype, max_length, batch_size, encoding, max_gen_toks")
         loaded = sources.load(pretrained, param_dtype="float32", compute_dtype=compute_dtype)
         model = evaluation_model(loaded.model, quant, numerics=numerics, lm_head=not _flag(head_fp))
         batch = 8 if str(batch_size).startswith("auto") else int(batch_size)

@@ -19,10 +19,15 @@ def main(argv: list[str] | None = None) -> int:
     from lm_eval.__main__ import cli_evaluate
 
     import fairy2i_jax.evaluation.lm_eval_adapter  # noqa: F401  (registers the "fairy2i" model)
+    from fairy2i_jax.errors import Fairy2iError
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except Fairy2iError as e:  # a model source or model argument the user can fix: one line
+        print(f"fairy2i-lm-eval: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -67,6 +67,7 @@ from fairy2i_jax.hf.safetensors_io import (
 )
 from fairy2i_jax.models.config import DTYPE_NAMES
 from fairy2i_jax.models.linear import Linear
+from fairy2i_jax.runs import DEFAULT_EXPORT, RUN_OWNED, is_run_dir
 from fairy2i_jax.models.llama import CausalLM
 from fairy2i_jax.widely_linear import from_widely_linear
 
@@ -292,27 +293,56 @@ def write_side_files(source: str | os.PathLike | None, dest: Path, config: dict[
     return written
 
 
+def _related(a: Path, b: Path) -> str | None:
+    """How ``a`` relates to ``b`` (both resolved): ``"is"``, ``"lies inside"``, ``"contains"``, or None."""
+    if a == b:
+        return "is"
+    if b in a.parents:
+        return "lies inside"
+    if a in b.parents:
+        return "contains"
+    return None
+
+
 def check_out_dir(out: Path, overwrite: bool, protected: Sequence[str | os.PathLike] = ()) -> None:
-    """Refuse an ``out`` that exists and is not an empty directory, unless ``overwrite``; never allow replacing a
-    training run directory or a ``protected`` path (the export's source)."""
+    """Refuse an export target that could lose data (every refusal is one :class:`ExportError` line):
+
+    * ``out`` that is, lies inside or contains a ``protected`` path (the export's source model or run);
+    * ``out`` that is or lies inside a training run directory (:func:`fairy2i_jax.runs.is_run_dir`), except a
+      new or export-holding direct child that is not one of the run's own entries (``<run>/hf``, the default
+      export of a run, is fine; ``<run>/checkpoints`` never), or that holds one among its entries;
+    * an existing non-empty ``out`` without ``overwrite``, and with ``overwrite`` any non-empty ``out`` that is not
+      an earlier export of this module (:func:`is_export_dir`): ``--overwrite`` replaces exports, nothing else.
+    """
+    resolved = out.resolve()
+    for path in protected:
+        relation = _related(resolved, Path(path).resolve())
+        if relation:
+            raise ExportError(f"--out {out} {relation} the export's source {path}; it is never written to")
+    for parent in (resolved, *resolved.parents):
+        if is_run_dir(parent):
+            own = parent == resolved or parent != resolved.parent or resolved.name in RUN_OWNED
+            if own:
+                raise ExportError(f"--out {out} {_related(resolved, parent)} the training run directory {parent}; "
+                                  f"an export may go to a new directory such as {parent / DEFAULT_EXPORT}")
     if not out.exists():
         if not out.parent.is_dir():
             raise ExportError(f"--out {out}: its parent directory {out.parent} does not exist")
         return
     if not out.is_dir():
         raise ExportError(f"--out {out} exists and is not a directory")
-    if not any(out.iterdir()):
+    entries = list(out.iterdir())
+    if not entries:
         return
+    runs_inside = [e.name for e in entries if is_run_dir(e)]
+    if runs_inside:
+        raise ExportError(f"--out {out} contains the training run directory {runs_inside[0]}; it is never replaced")
     if not overwrite:
         raise ExportError(f"--out {out} exists and is not empty; choose a new directory or pass --overwrite "
                           "(the old one is replaced only once the new export is complete)")
-    if (out / "checkpoints").exists() or (out / "config.yaml").is_file():
-        raise ExportError(f"--out {out} is a training run directory; it is never overwritten by an export")
-    resolved = out.resolve()
-    for path in protected:
-        p = Path(path).resolve()
-        if resolved == p or resolved in p.parents:
-            raise ExportError(f"--out {out} is (or holds) the export's source {path}; it is never overwritten")
+    if not is_export_dir(out):
+        raise ExportError(f"--out {out} is not an earlier export (no fairy2i config.json); --overwrite replaces only "
+                          "exports, never other directories")
 
 
 def is_export_dir(path: str | os.PathLike) -> bool:
@@ -366,19 +396,43 @@ def export_model(model: CausalLM, out: str | os.PathLike, fmt: str = "dequantize
     config = export_config(model, fmt, dtype)
     plans = tensor_plans(model, fmt, dtype)
     tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise ExportError(f"--out {out}: cannot create {tmp} ({e.strerror or e})") from None
     try:
         from tqdm.auto import tqdm
 
         with tqdm(total=sum(t.nbytes for t in plans), unit="B", unit_scale=True, desc=f"export {fmt}",
                   disable=not progress) as bar:
-            files = write_sharded(tmp, plans, max_shard_bytes, on_tensor=lambda t: bar.update(t.nbytes))
+            files = write_sharded(tmp, [_finite_only(t) for t in plans], max_shard_bytes,
+                                  on_tensor=lambda t: bar.update(t.nbytes))
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         files = [*files, "config.json", *write_side_files(tokenizer_from, tmp, config)]
         files += copy_remote_code(tmp) if fmt == "packed" else []  # loads with trust_remote_code=True
         files.append(write_model_card(tmp, config, fmt, **(model_card or {})))
         _commit(tmp, out)
+    except OSError as e:  # a full disk, permissions: one line, and nothing partial is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(f"export to {out} failed while writing ({e.strerror or e}); nothing was written to "
+                          f"{out}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ExportResult(out, files, plans_size(plans, config))
+
+
+def _finite_only(plan: TensorPlan) -> TensorPlan:
+    """``plan`` whose ``produce()`` raises :class:`ExportError` naming the tensor when a value is NaN or infinite
+    (a diverged or corrupt checkpoint must not become a silently broken export)."""
+
+    def produce() -> np.ndarray:
+        array = plan.produce()
+        if jax.numpy.issubdtype(array.dtype, jax.numpy.floating):  # bfloat16 included
+            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+            if bad:
+                raise ExportError(f"tensor {plan.name} holds {bad} non-finite value(s) (NaN or inf); the export was "
+                                  "stopped and nothing was written (is the checkpoint from a diverged run?)")
+        return array
+
+    return dataclasses.replace(plan, produce=produce)

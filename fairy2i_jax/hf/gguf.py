@@ -300,13 +300,32 @@ def load_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
 
 
 def gguf_tokenizer(path: str | os.PathLike):
-    """A transformers tokenizer built (offline) from the tokenizer embedded in the GGUF file at `path`.
+    """A transformers tokenizer built (offline, without torch) from the tokenizer embedded in the GGUF file at `path`.
 
-    Uses transformers' own GGUF tokenizer conversion (`AutoTokenizer.from_pretrained(dir, gguf_file=name)`),
-    which reads `tokenizer.ggml.*` (BPE 'gpt2' vocab + merges, or sentencepiece 'llama' pieces + scores).
+    The metadata (`tokenizer.ggml.*`: BPE 'gpt2' vocab + merges, or sentencepiece 'llama' pieces + scores, the
+    special token ids, the chat template) is read with gguf-py and handed to transformers' own GGUF tokenizer
+    converter, which picks the family's normalizer, pre-tokenizer and decoder; the result equals
+    `AutoTokenizer.from_pretrained(dir, gguf_file=name)` (tested), which itself needs torch to read the file.
     """
     path = os.path.abspath(os.fspath(path))
     return _hf_tokenizer(path, _open_reader(path))
+
+
+def _tokenizer_fields(reader) -> tuple[dict, dict]:
+    """``(tokenizer_dict, tokenizer_config)`` in transformers' GGUF-tokenizer naming, from the reader's metadata."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING
+
+    grouped = {group: {name: _field(reader, f"tokenizer.{key}") for key, name in renames.items()
+                       if f"tokenizer.{key}" in reader.fields}
+               for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    tokenizer, config = grouped["tokenizer"], grouped["tokenizer_config"]
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unk_token_id"),
+                      ("pad_token", "pad_token_id")):
+        token_id = tokenizer.get(key)
+        config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
+    if tokenizer.get("tokenizer_type") == "llama":
+        config.setdefault("add_bos_token", True)  # llama.cpp adds BOS to a sentencepiece vocabulary by default
+    return tokenizer, config
 
 
 def _hf_tokenizer(path: str, reader):
@@ -317,6 +336,13 @@ def _hf_tokenizer(path: str, reader):
     if model is None or "tokenizer.ggml.tokens" not in reader.fields:
         raise _err(path, "has no embedded tokenizer (keys 'tokenizer.ggml.model' / 'tokenizer.ggml.tokens')")
     try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+    except ImportError:  # an older transformers (< 5.2x): its GGUF path, which needs torch
         return transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    try:
+        tokenizer, config = _tokenizer_fields(reader)
+        backend, extra = convert_gguf_tokenizer(_field(reader, "general.architecture"), tokenizer)
+        return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, name_or_path=path,
+                                                    **{**config, **extra})
     except Exception as e:
         raise _err(path, f"transformers could not build its {model!r} tokenizer ({type(e).__name__}: {e})") from e

@@ -165,21 +165,33 @@ def check_tensors(model: CausalLM, source: TensorSource, where: str) -> dict[tup
 def _reader(source: TensorSource, names: list[str], stacked: bool, dtype: np.dtype):
     """``index -> numpy slice`` for ``jax.make_array_from_callback`` (stacked: dim 0 selects per-layer tensors)."""
 
+    def one(name: str, idx: tuple[slice, ...]) -> np.ndarray:
+        array = source.read(name, idx)
+        if not jnp.issubdtype(array.dtype, jnp.floating):  # (numpy's issubdtype does not know bfloat16)
+            raise CheckpointError(f"tensor {name!r} is stored as {array.dtype}, not a floating-point type: a weight "
+                                  "is never cast from integers (a quantized or corrupt checkpoint?)")
+        return array.astype(dtype)
+
     def read(index: tuple[slice, ...]) -> np.ndarray:
         if not stacked:
-            return source.read(names[0], tuple(index)).astype(dtype)
+            return one(names[0], tuple(index))
         layers = range(*index[0].indices(len(names)))
-        return np.stack([source.read(names[i], tuple(index[1:])).astype(dtype) for i in layers])
+        return np.stack([one(names[i], tuple(index[1:])) for i in layers])
 
     return read
 
 
-def fill_from_source(model: CausalLM, source: TensorSource, mesh: Mesh | None = None, where: str = "checkpoint"):
+def fill_from_source(model: CausalLM, source: TensorSource, mesh: Mesh | None = None, where: str = "checkpoint",
+                     progress: bool = False):
     """Create every param of (abstract) ``model`` from ``source`` in its target sharding, in place; returns it."""
+    from tqdm.auto import tqdm
+
     cfg = model.config
     names_by_path = check_tensors(model, source, where)
     single = SingleDeviceSharding(jax.devices()[0])
-    for path, var in model_variables(model).items():
+    variables = model_variables(model)
+    for path, var in tqdm(variables.items(), total=len(variables), desc="load weights", unit="tensor",
+                          disable=not progress):
         value = var.get_value()
         sharding = single if mesh is None else variable_sharding(var, mesh)
         stacked = cfg.scan_layers and path[0] == "layers"
@@ -195,6 +207,7 @@ def load_pretrained(
     mesh: Mesh | None = None,
     scan_layers: bool = False,
     remat: str = "none",
+    progress: bool = False,
 ) -> CausalLM:
     """Load a HF Llama-family checkpoint as a real :class:`CausalLM`.
 
@@ -202,7 +215,7 @@ def load_pretrained(
     (downloaded with ``huggingface_hub.snapshot_download`` only when no such local path exists and offline mode
     is off). ``dtype``: param dtype; ``compute_dtype``: activation dtype (``None`` = bfloat16, the
     ``ModelConfig`` default); ``mesh``: params are created directly in their sharding on it (default: one
-    device); ``scan_layers`` / ``remat``: layer layout and rematerialisation policy.
+    device); ``scan_layers`` / ``remat``: layer layout and rematerialisation policy; ``progress``: a progress bar.
     Raises :class:`CheckpointError` for missing / corrupt / pickled / mismatching checkpoints and ``ValueError``
     for an unsupported architecture.
     """
@@ -216,4 +229,4 @@ def load_pretrained(
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from e
     model = abstract_model(cfg)
-    return fill_from_source(model, source, mesh, where=str(path))
+    return fill_from_source(model, source, mesh, where=str(path), progress=progress)

@@ -25,7 +25,7 @@ import dataclasses
 from pathlib import Path
 from typing import Iterable, Literal
 
-from fairy2i_jax.config import ConfigError, check_choices, load_config
+from fairy2i_jax.config import ConfigError, LocalPath, check_choices, load_config
 from fairy2i_jax.convert import QuantSection
 from fairy2i_jax.data import DocSplit
 from fairy2i_jax.hf.export import ExportFormat
@@ -34,7 +34,9 @@ from fairy2i_jax.sources import ModelSection
 from fairy2i_jax.training.optim import Coordinates, OptimizerName
 from fairy2i_jax.training.schedule import ScheduleName
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "smollm2_135m_w2.yaml"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # the presets, shipped with the package
+DEFAULT_CONFIG = CONFIG_DIR / "smollm2_135m_w2.yaml"
+AUSTEN = "pkg:fairy2i_jax/corpora/austen"  # the bundled corpus (train / validation / test novels)
 __all__ = ["ModelSection", "QuantSection", "TrainConfig", "load_train_config"]
 
 
@@ -76,9 +78,9 @@ class MeshSection:
 class DataSection:
     """Training / held-out / test text files (see :mod:`fairy2i_jax.data`)."""
 
-    train: tuple[str, ...] = ("data/austen/train",)
-    eval: tuple[str, ...] = ("data/austen/validation",)
-    test: tuple[str, ...] = ("data/austen/test",)
+    train: tuple[LocalPath, ...] = (f"{AUSTEN}/train",)
+    eval: tuple[LocalPath, ...] = (f"{AUSTEN}/validation",)
+    test: tuple[LocalPath, ...] = (f"{AUSTEN}/test",)
     doc_split: DocSplit = "paragraph"
     text_key: str = "text"
     seq_len: int = 128

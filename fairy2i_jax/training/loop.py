@@ -119,13 +119,28 @@ class RunContext:
 
 
 def check_run_config(run_dir: Path, cfg: TrainConfig) -> None:
-    """ConfigError when ``run_dir`` holds the ``config.yaml`` of a run with an incompatible config."""
-    path = run_dir / runs.RUN_CONFIG
-    if path.exists():
-        changed = incompatible_changes(runs.read_run_config(run_dir), to_dict(cfg))
+    """ConfigError when ``run_dir`` holds a run with an incompatible config: its ``config.yaml`` or, the reference
+    for what is resumed, the config saved in its latest checkpoint (which stands even if config.yaml is gone)."""
+    current = to_dict(cfg)
+    if (run_dir / runs.RUN_CONFIG).exists():
+        changed = incompatible_changes(runs.read_run_config(run_dir), current)
         if changed:
             raise ConfigError(f"{run_dir} holds a run with a different config ({', '.join(changed)} differ); use "
                               "another train.run_dir, or the saved config.yaml's values to resume")
+    if not (run_dir / runs.CHECKPOINTS).is_dir():
+        return
+    checkpoints = RunCheckpoints(run_dir / runs.CHECKPOINTS, async_save=False)
+    try:
+        latest = checkpoints.latest_step()
+        saved = checkpoints.meta(latest).get("config") if latest is not None else None
+    finally:
+        checkpoints.close()
+    if isinstance(saved, dict):
+        changed = incompatible_changes(saved, current)
+        if changed:
+            raise ConfigError(f"{run_dir / runs.CHECKPOINTS / str(latest)} was saved by a run with a different "
+                              f"config ({', '.join(changed)} differ); resume with that config or use another "
+                              "train.run_dir")
 
 
 def write_run_config(run_dir: Path, cfg: TrainConfig) -> None:
@@ -144,13 +159,44 @@ def prepare(cfg: TrainConfig) -> RunContext:
     run_dir = Path(cfg.train.run_dir).absolute()
     main = jax.process_index() == 0
     say = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"train.run_dir = {cfg.train.run_dir!r} exists and is not a directory")
     mesh = setup.build_mesh(cfg)
     check_run_config(run_dir, cfg)
     source = setup.model_source(cfg)
-    setup.check_seq_len(cfg, setup.model_config(cfg))
+    check_export_target(cfg, run_dir, source)
+    mc = setup.model_config(cfg)
+    setup.check_seq_len(cfg, mc)
     tokenizer = sources.load_source_tokenizer(source)
+    sources.check_tokenizer(tokenizer, mc, cfg.model.path)
     train_corpus, held_out = setup.load_corpora(cfg, tokenizer)
+    setup.check_corpus_fits(cfg, train_corpus)
+    if cfg.optimizer.lr == 0:
+        say("warning: optimizer.lr = 0: the steps run but no weight changes")
     return RunContext(cfg, run_dir, mesh, source, tokenizer, train_corpus, held_out, setup.test_documents(cfg), say)
+
+
+def export_target(cfg: TrainConfig, run_dir: Path) -> Path:
+    """Where the end-of-run export goes: ``export.dir``, default ``<run_dir>/hf``."""
+    return Path(cfg.export.dir).absolute() if cfg.export.dir else run_dir / runs.DEFAULT_EXPORT
+
+
+def export_protected(run_dir: Path, source: sources.ModelSource) -> list[Path]:
+    """What the end-of-run export must never touch: the run's checkpoints and the model source."""
+    return [run_dir / runs.CHECKPOINTS, *([source.path] if source.path is not None else [])]
+
+
+def check_export_target(cfg: TrainConfig, run_dir: Path, source: sources.ModelSource) -> None:
+    """The end-of-run export's target refused before training when it could lose data (it is checked again when
+    the export is written); an earlier export there is replaced."""
+    from fairy2i_jax.hf.export import check_out_dir, is_export_dir
+
+    if cfg.export.format == "none":
+        return
+    out = export_target(cfg, run_dir)
+    if out.parent == run_dir and not run_dir.exists():
+        return  # the default target of a new run: created with it, nothing there to lose
+    check_out_dir(out, overwrite=is_export_dir(out), protected=export_protected(run_dir, source))
 
 
 def open_run(ctx: RunContext, start_step: int) -> None:
@@ -161,7 +207,7 @@ def open_run(ctx: RunContext, start_step: int) -> None:
 
 def _report_ppl(ctx: RunContext, result: RunResult, name: str, model, label: str) -> None:
     """Measure, record (``result.ppl[name]``, a ``ppl`` event in metrics.jsonl) and print ``label: value``."""
-    value = perplexity(model, ctx.tokenizer, ctx.test_docs, ctx.cfg)
+    value = perplexity(model, ctx.tokenizer, ctx.test_docs, ctx.cfg, progress=ctx.cfg.train.progress)
     if value is None:
         return
     result.ppl[name] = value
@@ -354,11 +400,11 @@ def export_run(model, cfg: TrainConfig, run_dir: Path, source: sources.ModelSour
     if jax.process_count() > 1:
         say(f"HF export skipped in a multi-process run: python -m fairy2i_jax.export --from {run_dir} --out DIR")
         return None
-    out = Path(e.dir).absolute() if e.dir else run_dir / runs.DEFAULT_EXPORT
+    out = export_target(cfg, run_dir)
     card = sources.card_info(sources.resolve(str(run_dir)), ppl=ppl)
     result = export_model(model, out, e.format, dtype=None if e.dtype == "default" else e.dtype,
                           tokenizer_from=sources.tokenizer_files(source), overwrite=is_export_dir(out),
-                          protected=[run_dir / runs.CHECKPOINTS], progress=cfg.train.progress, model_card=card)
+                          protected=export_protected(run_dir, source), progress=cfg.train.progress, model_card=card)
     loads = ("transformers.AutoModelForCausalLM" if e.format != "packed" else
              "transformers.AutoModelForCausalLM(trust_remote_code=True) or fairy2i_jax.sources.load")
     say(f"HF export ({e.format}, {result.size.total_bytes / 1e6:.1f} MB): {result.path} (loads with {loads})")

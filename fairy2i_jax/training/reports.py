@@ -16,7 +16,7 @@ def global_batch(local: dict[str, np.ndarray], sharding, global_shape) -> dict[s
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v), global_shape) for k, v in local.items()}
 
 
-def perplexity(model, tokenizer, documents: list[str], cfg: TrainConfig) -> float | None:
+def perplexity(model, tokenizer, documents: list[str], cfg: TrainConfig, progress: bool = False) -> float | None:
     """Official packed perplexity (corrected: per scored token) on the first ``eval.ppl_max_tokens`` tokens
     of the test documents (whole chunks until the cap is reached); None when disabled or multi-process."""
     from fairy2i_jax.evaluation.logits import jax_logits_fn
@@ -38,7 +38,7 @@ def perplexity(model, tokenizer, documents: list[str], cfg: TrainConfig) -> floa
     pad = pad_token_id(tokenizer)
     fn = jax_logits_fn(model, buckets=(e.ppl_seq_len,), batch_size=e.ppl_batch, pad_id=pad)
     result = evaluate_perplexity(fn, kept, batch_size=e.ppl_batch, protocol="official",
-                                 eos_id=tokenizer.eos_token_id, pad_id=pad, progress=False, source="data.test")
+                                 eos_id=tokenizer.eos_token_id, pad_id=pad, progress=progress, source="data.test")
     return result.ppl
 
 

@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 from fairy2i_jax import sources
 from fairy2i_jax.config import ConfigError
 from fairy2i_jax.convert import convert, resolve_plan
-from fairy2i_jax.data import TokenizedCorpus, load_corpus, read_documents
+from fairy2i_jax.data import TokenizedCorpus, check_fits_one_batch, load_corpus, read_documents
 from fairy2i_jax.models.config import ModelConfig
 from fairy2i_jax.models.llama import CausalLM, abstract_model
 from fairy2i_jax.sharding import make_mesh
@@ -33,7 +33,8 @@ def model_source(cfg: TrainConfig) -> sources.ModelSource:
 
 def load_real_model(cfg: TrainConfig, mesh: Mesh) -> CausalLM:
     """The pretrained model of ``model.path`` (a random one is seeded by ``train.seed``), params on ``mesh``."""
-    return sources.load_model(model_source(cfg), **cfg.model.layout(), mesh=mesh, seed=cfg.train.seed)
+    return sources.load_model(model_source(cfg), **cfg.model.layout(), mesh=mesh, seed=cfg.train.seed,
+                              progress=cfg.train.progress)
 
 
 def model_config(cfg: TrainConfig) -> ModelConfig:
@@ -43,7 +44,7 @@ def model_config(cfg: TrainConfig) -> ModelConfig:
 
 def convert_for_training(cfg: TrainConfig, real: CausalLM) -> CausalLM:
     """The real model converted to ``quant.preset`` (complex masters for w1..w4 / fp)."""
-    return convert(real, cfg.quant.preset, **cfg.quant.convert_kwargs())
+    return convert(real, cfg.quant.preset, progress=cfg.train.progress, **cfg.quant.convert_kwargs())
 
 
 def abstract_training_model(cfg: TrainConfig, mc: ModelConfig | None = None) -> CausalLM:
@@ -62,10 +63,15 @@ def check_seq_len(cfg: TrainConfig, mc: ModelConfig) -> None:
 def load_corpora(cfg: TrainConfig, tokenizer) -> tuple[TokenizedCorpus, TokenizedCorpus | None]:
     """``(train corpus, held-out corpus or None)``; ValueError naming the files when one is empty."""
     d = cfg.data
-    train = load_corpus(list(d.train), tokenizer, doc_split=d.doc_split, text_key=d.text_key)
-    held_out = (load_corpus(list(d.eval), tokenizer, doc_split=d.doc_split, text_key=d.text_key)
-                if d.eval else None)
+    kw = dict(doc_split=d.doc_split, text_key=d.text_key, progress=cfg.train.progress)
+    train = load_corpus(list(d.train), tokenizer, **kw)
+    held_out = load_corpus(list(d.eval), tokenizer, **kw) if d.eval else None
     return train, held_out
+
+
+def check_corpus_fits(cfg: TrainConfig, corpus: TokenizedCorpus) -> None:
+    """:class:`~fairy2i_jax.data.DataError` unless the training corpus holds one global batch."""
+    check_fits_one_batch(corpus, seq_len=cfg.data.seq_len, global_batch=cfg.data.global_batch)
 
 
 def test_documents(cfg: TrainConfig) -> list[str]:
