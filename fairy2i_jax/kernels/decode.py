@@ -1,0 +1,145 @@
+"""Exact decode of packed codes to the real 2x2 blocks, in plain jnp ops that XLA, Pallas Triton and Mosaic lower.
+
+What a packed layer is worth. ``unpack_to_real`` defines the value of a layer: per matrix ``M`` in ``{U, W}``
+and stage ``t`` the code ``k`` decodes by selection to ``Re M_t = s_re,t Re(i^k)``, ``Im M_t = s_im,t Im(i^k)``
+(exact), the stages are summed in order in the scales' dtype ``d``,
+
+    Re M = rnd_d(... rnd_d(rnd_d(Re M_1 + Re M_2) + Re M_3) ...)         (likewise Im M)
+
+and the blocks are recomposed in ``d`` (``recompose_planes``):
+
+    A11 = rnd_d(Re W + Re U)   A12 = rnd_d(Im W - Im U)   A21 = rnd_d(Im W + Im U)   A22 = rnd_d(Re U - Re W)
+
+so ``y[:n] = A11 a + A12 b`` and ``y[n:] = A21 a + A22 b`` for ``x = [a; b]``. With ``d = bfloat16`` (the default
+``bf16_exact`` numerics) the roundings are real: for W2 about a quarter of the positions differ from the
+unrounded ``sum_t s_t i^k`` and ``y`` moves by ~2e-3 of ``max|y|``. Factoring the scales out of the sums
+(``y = s_re (sum_{k=0} a - sum_{k=2} a) + ...``, one multiply per output and stage) is therefore NOT the value of
+the layer; every implementation here reproduces the roundings instead, position by position, which is exact:
+``rnd_d`` of a float32 sum of two ``d`` values equals the correctly rounded ``d`` sum (the float32 sum is exact
+unless the exponents differ by more than 16, and then both round to the larger operand), which is also what
+XLA computes for a bfloat16 add.
+
+Decoding two values per code from bits alone (the sign-bit identity of the kernels reference, on float32):
+move the code's bits ``(b1, b0)`` to bits 31/30 of a word (``top = word << (30 - 2 slot)``); then
+
+    float32 bits of (top & 0xC0000000)            = 2 Im(i^k)  in {+0, +2, -0, -2}   for k = 0, 1, 2, 3
+    float32 bits of ((top ^ 0x40000000) & 0xC0000000) = 2 Re(i^k)  in {+2, +0, -2, -0}
+
+(bit 31 is the float sign, bit 30 the exponent's top bit: 0x40000000 is 2.0). With halved scales
+``h = s / 2`` (exact), ``2 Re(i^k) * h_re`` is ``Re M_t`` exactly (a signed zero where the code sits on the
+other axis; signed zeros do not change any sum or product with finite activations). Three 32-bit logic ops
+per code, no compare or select.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = Any
+
+SIGN_BITS = 0xC0000000  # bits 31/30: float sign and exponent MSB
+REAL_FLIP = 0x40000000  # flips b0 (imaginary axis <-> real axis)
+U, W = 0, 1  # matrix index of the halved-scale tables
+RE, IM = 0, 1  # part index
+
+
+def code_to_top(words: Array, slot: int | Array) -> Array:
+    """``words << (30 - 2 slot)``: the code in bits ``[2 slot, 2 slot + 1]`` of each uint32 lands on bits 31/30.
+
+    Bits below 30 are left as garbage; :func:`twice_phase` masks them. ``slot`` in 0..15 (static or uint32).
+    """
+    if isinstance(slot, (int, np.integer)):
+        return words << np.uint32(30 - 2 * int(slot))  # a literal: what kernels want
+    return words << (np.uint32(30) - np.uint32(2) * slot.astype(jnp.uint32))
+
+
+def twice_phase(top: Array) -> tuple[Array, Array]:
+    """``(2 Re(i^k), 2 Im(i^k))`` as float32 for codes sitting on bits 31/30 of ``top`` (uint32).
+
+    ``2 Im = bits(top & 0xC0000000)``, ``2 Re = bits((top ^ 0x40000000) & 0xC0000000)``, values in {0, +-2}.
+    """
+    mask = np.uint32(SIGN_BITS)
+    im2 = jax.lax.bitcast_convert_type(top & mask, jnp.float32)
+    re2 = jax.lax.bitcast_convert_type((top ^ np.uint32(REAL_FLIP)) & mask, jnp.float32)
+    return re2, im2
+
+
+def round_to(v: Array, dtype: Any, bitwise: bool = False) -> Array:
+    """``rnd_dtype(v)`` kept in float32 (identity for float32).
+
+    ``bitwise=False``: ``v.astype(dtype).astype(float32)`` (two converts; what the Pallas kernels use).
+    ``bitwise=True`` (bfloat16 only): round to nearest even on the float32 bits,
+    ``bits(v) + 0x7FFF + (bits(v) >> 16 & 1)`` with the low 16 bits cleared: integer ops that an XLA pass
+    allowed to keep excess precision (``xla_allow_excess_precision``) cannot drop as a convert pair.
+    Both agree on every finite float32.
+    """
+    dtype = np.dtype(dtype)
+    if dtype == np.float32:
+        return v
+    if not bitwise or dtype != np.dtype(jnp.bfloat16):
+        return v.astype(dtype).astype(jnp.float32)
+    bits = jax.lax.bitcast_convert_type(v, jnp.uint32)
+    bits = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def stage_sum(parts: Sequence[Array], dtype: Any, bitwise: bool = False) -> Array:
+    """``rnd(... rnd(rnd(p_1 + p_2) + p_3) ...)`` in ``dtype``: the stage order of ``decode_phase_codes``."""
+    acc = parts[0]
+    for p in parts[1:]:
+        acc = round_to(acc + p, dtype, bitwise)
+    return acc
+
+
+def plane_values(tops: Sequence[Array], h_re: Sequence[Array], h_im: Sequence[Array], dtype: Any,
+                 bitwise: bool = False):
+    """``(Re M, Im M)`` of one matrix from its T stages: ``Re M = stage_sum_t(2 Re(i^k_t) * h_re,t)``.
+
+    ``tops[t]``: codes on bits 31/30 (uint32); ``h_re[t]``, ``h_im[t]``: halved scales ``s / 2`` (float32,
+    broadcastable: scalars for per-tensor scales, ``[rows, 1]`` for row scales). Returns float32 arrays whose
+    values are exact in ``dtype``.
+    """
+    re_parts, im_parts = [], []
+    for top, hr, hi in zip(tops, h_re, h_im):
+        re2, im2 = twice_phase(top)
+        re_parts.append(re2 * hr)
+        im_parts.append(im2 * hi)
+    return stage_sum(re_parts, dtype, bitwise), stage_sum(im_parts, dtype, bitwise)
+
+
+def blocks_from_planes(u_re: Array, u_im: Array, w_re: Array, w_im: Array, dtype: Any, bitwise: bool = False):
+    """``(A11, A12, A21, A22) = rnd(Re W + Re U), rnd(Im W - Im U), rnd(Im W + Im U), rnd(Re U - Re W)``."""
+    return (
+        round_to(w_re + u_re, dtype, bitwise),
+        round_to(w_im - u_im, dtype, bitwise),
+        round_to(w_im + u_im, dtype, bitwise),
+        round_to(u_re - w_re, dtype, bitwise),
+    )
+
+
+def block_values(u_tops: Sequence[Array], w_tops: Sequence[Array], h: Any, dtype: Any, bitwise: bool = False):
+    """The exact 2x2 block ``(A11, A12, A21, A22)`` (float32 arrays, values exact in ``dtype``) of each position.
+
+    ``u_tops[t]``, ``w_tops[t]``: the codes of U and W at stage ``t`` on bits 31/30 (:func:`code_to_top`);
+    ``h[mat][part][t]``: halved scales (``mat`` in U, W; ``part`` in RE, IM), broadcastable against the tops.
+    Equals the entries of ``unpack_to_real`` at those positions bit for bit (module docstring); ``bitwise``
+    selects the rounding of :func:`round_to`.
+    """
+    u_re, u_im = plane_values(u_tops, h[U][RE], h[U][IM], dtype, bitwise)
+    w_re, w_im = plane_values(w_tops, h[W][RE], h[W][IM], dtype, bitwise)
+    return blocks_from_planes(u_re, u_im, w_re, w_im, dtype, bitwise)
+
+
+def over_slots(body, carry, unroll: bool):
+    """``carry = body(slot, carry)`` for the 16 bit slots of a word: unrolled in Python (static shifts and
+    offsets, what the compiled kernels want) or as a ``fori_loop`` (a 16x smaller program, e.g. for
+    interpret-mode tests, where compile time dominates)."""
+    if unroll:
+        for slot in range(16):
+            carry = body(slot, carry)
+        return carry
+    return jax.lax.fori_loop(0, 16, body, carry)

@@ -1,0 +1,77 @@
+"""Shared helpers of the packed-kernel tests: real packed layers from random matrices, the oracle, the bounds.
+
+Oracle: ``x @ unpack_to_real(packed).T`` in float64 on the host (the value the ``reference`` implementation
+computes in float32; ``test_reference_equals_the_oracle`` ties the two together).
+
+Bounds, relative to ``max|y|``: float32 activations 1e-5; bf16 activations 2^-8. Both sides multiply the
+same exact weights; a bf16 result is the float32 sum rounded once to bf16, at most half a bf16 ulp
+(2^-9 of ``|y|``) from the exact value, plus the float32 summation error (~1e-6), so one ulp (2^-8) bounds
+it with margin. Measured on these tests: float32 <= 1e-6, bf16 <= 2^-9.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fairy2i_jax.packing import pack_real_weight, unpack_to_real
+from fairy2i_jax.quant import QuantSpec
+
+BF16_BOUND = 2.0**-8
+FP32_BOUND = 1e-5
+
+_pack = jax.jit(pack_real_weight, static_argnums=1)  # the quantizer op by op takes seconds per layer
+_dense = {}  # id(packed) -> float64 dense weight, for layers made here
+
+
+def real_matrix(seed, out_dim, in_dim):
+    """The random normal float32 ``[out, in]`` matrix behind ``packed_layer(seed, out_dim, in_dim, ...)``."""
+    return np.random.default_rng(seed).standard_normal((out_dim, in_dim)).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _packed_layer(seed, out_dim, in_dim, stages, spec_items):
+    A = real_matrix(seed, out_dim, in_dim)
+    packed = _pack(jnp.asarray(A), QuantSpec("complex_phase", stages, **dict(spec_items)))
+    _dense[id(packed)] = np.asarray(jax.jit(unpack_to_real)(packed), np.float64)
+    return packed
+
+
+def packed_layer(seed, out_dim, in_dim, stages, **spec):
+    """``pack_real_weight`` of a random normal real matrix ``[out, in]`` (bf16_exact unless ``numerics=``):
+    real codes and scales; cached, since tests share layers."""
+    return _packed_layer(seed, out_dim, in_dim, stages, tuple(sorted(spec.items())))
+
+
+def dense(packed):
+    """``unpack_to_real(packed)`` in float64 (cached for layers from :func:`packed_layer`)."""
+    if id(packed) not in _dense:
+        _dense[id(packed)] = np.asarray(unpack_to_real(packed), np.float64)
+    return _dense[id(packed)]
+
+
+def oracle(x, packed):
+    """``x @ unpack_to_real(packed).T`` in float64."""
+    return np.asarray(x, np.float64) @ dense(packed).T
+
+
+def activations(seed, shape, dtype=jnp.float32):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+def rel_err(y, ref):
+    """``max|y - ref| / max|ref|`` in float64 (NaN or a shape mismatch fails loudly)."""
+    y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
+    assert y.shape == ref.shape, (y.shape, ref.shape)
+    assert np.isfinite(y).all()
+    return float(np.abs(y - ref).max() / np.abs(ref).max())
+
+
+def assert_matches_reference(y, x, packed):
+    """``y`` equals the oracle within the bound of x's dtype, with x's dtype and the right shape."""
+    assert y.dtype == x.dtype, (y.dtype, x.dtype)
+    bound = BF16_BOUND if x.dtype == jnp.bfloat16 else FP32_BOUND
+    err = rel_err(y, oracle(x, packed))
+    assert err <= bound, f"relative error {err:.3g} > {bound:.3g}"
+    return err
