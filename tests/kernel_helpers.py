@@ -21,8 +21,14 @@ from fairy2i_jax.quant import QuantSpec
 BF16_BOUND = 2.0**-8
 FP32_BOUND = 1e-5
 
-_pack = jax.jit(pack_real_weight, static_argnums=1)  # the quantizer op by op takes seconds per layer
 _dense = {}  # id(packed) -> float64 dense weight, for layers made here
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _pack_and_unpack(A, spec):
+    """``(pack_real_weight(A, spec), unpack_to_real(...))`` in one compiled program (op by op takes seconds)."""
+    packed = pack_real_weight(A, spec)
+    return packed, unpack_to_real(packed)
 
 
 def real_matrix(seed, out_dim, in_dim):
@@ -33,8 +39,8 @@ def real_matrix(seed, out_dim, in_dim):
 @functools.lru_cache(maxsize=None)
 def _packed_layer(seed, out_dim, in_dim, stages, spec_items):
     A = real_matrix(seed, out_dim, in_dim)
-    packed = _pack(jnp.asarray(A), QuantSpec("complex_phase", stages, **dict(spec_items)))
-    _dense[id(packed)] = np.asarray(jax.jit(unpack_to_real)(packed), np.float64)
+    packed, A_q = _pack_and_unpack(jnp.asarray(A), QuantSpec("complex_phase", stages, **dict(spec_items)))
+    _dense[id(packed)] = np.asarray(A_q, np.float64)
     return packed
 
 

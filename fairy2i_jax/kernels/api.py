@@ -92,6 +92,12 @@ def _call(x: Array, prepared: Prepared) -> list[Array]:
     return prepared.implementation(x, prepared)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _prepare_and_call(impl: Implementation, layers: tuple[PackedWidelyLinear, ...], x: Array) -> list[Array]:
+    """``impl(x, impl.prepare(layers))`` as one compiled program (canonical layers passed per call)."""
+    return impl(x, impl.prepare(layers))
+
+
 def _first_serving(impls: list[Implementation], forced: bool, attempt):
     """``attempt(impl)`` for each in turn; ``NotImplementedError`` hands over to the next unless forced."""
     if forced:
@@ -143,15 +149,13 @@ def _check_x(x: Array, m: int, ns: Sequence[int]) -> None:
         )
 
 
-def _run(x: Array, prepared: Prepared) -> list[Array]:
-    """Validate, flatten the leading dims, call, restore them."""
-    _check_x(x, prepared.m, prepared.ns)
+def _run(x: Array, ns: Sequence[int], call) -> list[Array]:
+    """Flatten the leading dims of ``x`` (shape already checked), ``call(x2d)``, restore them."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] == 0:
-        return [jnp.zeros((*lead, 2 * n), x.dtype) for n in prepared.ns]
-    ys = _call(x2, prepared)
-    return [y.reshape(*lead, 2 * n).astype(x.dtype) for y, n in zip(ys, prepared.ns)]
+        return [jnp.zeros((*lead, 2 * n), x.dtype) for n in ns]
+    return [y.reshape(*lead, 2 * n).astype(x.dtype) for y, n in zip(call(x2), ns)]
 
 
 def _dispatch(x: Array, layers: Any, implementation: Any) -> list[Array]:
@@ -161,11 +165,13 @@ def _dispatch(x: Array, layers: Any, implementation: Any) -> list[Array]:
             not isinstance(implementation, (str, Implementation)) or _resolve(implementation) != impl
         ):
             raise ValueError(f"this operand was prepared for {impl.name!r}; pass implementation=None or that one")
-        return _run(x, layers)
+        _check_x(x, layers.m, layers.ns)
+        return _run(x, layers.ns, lambda x2: _call(x2, layers))
     layers = _as_layers(layers)
-    _check_x(x, layers[0].m, [p.n for p in layers])
+    ns = [p.n for p in layers]
+    _check_x(x, layers[0].m, ns)
     impls, forced = _candidates(implementation)
-    return _first_serving(impls, forced, lambda impl: _run(x, _prepare(impl, layers)))
+    return _first_serving(impls, forced, lambda impl: _run(x, ns, lambda x2: _prepare_and_call(impl, layers, x2)))
 
 
 def packed_matmul(x: Array, packed: PackedWidelyLinear | Prepared, *, implementation: Any = None) -> Array:
