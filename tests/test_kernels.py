@@ -1,7 +1,7 @@
 """Packed matmul: the exact decode, the layouts, the reference, the xla implementation and the public API.
 
 Every result is checked against the float64 oracle ``x @ unpack_to_real(packed).T`` (kernel_helpers):
-float32 activations within 1e-5 of ``max|y|``, bf16 activations within 2^-8 (the bound is derived there).
+float32 activations within 1e-5 of ``max|y|``, bf16 activations within 2^-8 + 1e-5 (derived there).
 """
 
 import dataclasses
@@ -78,9 +78,8 @@ def test_decoded_blocks_equal_unpack_to_real_bit_for_bit(stages, numerics, granu
     assert meta.num_chunks == 3
     decode_chunk = jax.jit(xla.chunk_blocks, static_argnums=(2, 4))
     blocks = [decode_chunk(arrays["words"], arrays["h"], meta, c, jnp.float32) for c in range(meta.num_chunks)]
-    blocks = jnp.concatenate(blocks, axis=-1)[..., : packed.m]  # [2, 2, n, m]
-    dense = jnp.concatenate([jnp.concatenate([blocks[0, 0], blocks[0, 1]], 1),
-                             jnp.concatenate([blocks[1, 0], blocks[1, 1]], 1)], 0)
+    a11, a12, a21, a22 = (jnp.concatenate(b, axis=-1)[:, : packed.m] for b in zip(*blocks))  # each [n, m]
+    dense = jnp.block([[a11, a12], [a21, a22]])
     want = np.asarray(unpack_to_real(packed), np.float32)
     np.testing.assert_array_equal(np.asarray(dense) == 0, want == 0)
     np.testing.assert_array_equal(np.asarray(dense)[want != 0], want[want != 0])
@@ -93,8 +92,9 @@ def test_the_rounding_matters_for_bf16_layers():
     exact = np.asarray(unpack_to_real(packed), np.float64)
     arrays, meta = xla.prepare_layer(packed, 1 << 19)
     loose = dataclasses.replace(meta, scale_dtype="float32")  # same codes and scales, no bf16 rounding
-    b = np.asarray(jax.jit(xla.chunk_blocks, static_argnums=(2, 4))(arrays["words"], arrays["h"], loose, 0, jnp.float32))
-    unrounded = np.block([[b[0, 0], b[0, 1]], [b[1, 0], b[1, 1]]])[:, : 2 * packed.m]
+    b = [np.asarray(v, np.float64)[:, : packed.m]
+         for v in jax.jit(xla.chunk_blocks, static_argnums=(2, 4))(arrays["words"], arrays["h"], loose, 0, jnp.float32)]
+    unrounded = np.block([[b[0], b[1]], [b[2], b[3]]])
     x = np.random.default_rng(1).standard_normal((4, 144))
     assert rel_err(x @ unrounded.T, x @ exact.T) > 1e-4
 
@@ -118,8 +118,7 @@ def test_reference_equals_the_oracle_and_the_fake_quantized_matmul():
     np.testing.assert_array_equal(np.asarray(yb, np.float32), np.asarray(reference_matmul(xb, packed), np.float32))
 
 
-@pytest.mark.parametrize("stages", [1, 2, 3])
-@pytest.mark.parametrize("out_dim,in_dim", SHAPES)
+@pytest.mark.parametrize("stages,out_dim,in_dim", [(1, 40, 80), (2, 26, 144), (3, 26, 144), (3, 40, 80)])
 def test_xla_equals_reference(stages, out_dim, in_dim):
     """Batch 1, > 1 and leading dims [2, 3, 2m]; fp32 and bf16; one chunk, and one word per chunk."""
     packed = packed_layer(0, out_dim, in_dim, stages)
@@ -144,7 +143,7 @@ def test_xla_never_builds_the_dense_weight_when_chunked():
     assert chunked.meta[0].num_chunks == 5 and whole.meta[0].num_chunks == 1
     x = activations(1, (1, 144))
     hlo = jax.jit(lambda x, p: kernels.packed_matmul(x, p)).lower(x, chunked).as_text()
-    assert "2x2x13x16x" in hlo  # one chunk of blocks [2, 2, n, 16]
+    assert "13x16x" in hlo  # one chunk of blocks [n, 16]
     assert "26x144" not in hlo and "13x72" not in hlo and "13x80" not in hlo  # no dense weight, no whole block
     assert rel_err(kernels.packed_matmul(x, chunked), kernels.packed_matmul(x, whole)) < 1e-6
 

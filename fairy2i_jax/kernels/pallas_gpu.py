@@ -69,11 +69,13 @@ except Exception as e:  # pragma: no cover - a jaxlib without the Triton binding
 Array = Any
 
 
-def _load_codes(ref):
-    """Stream a code tile: ``evict_first`` (read once, keep activations in cache); plain load if unsupported."""
-    if _load is None:
-        return ref[...]
-    return _load(ref, eviction_policy="evict_first")
+def _code_tiles(words_ref, rows, cols, T: int, evict_first: bool):
+    """The 2T word tiles ``[BN, bw]`` of one K-block. ``evict_first`` streams them past the cache (read once;
+    the activations, reread by every row block, stay); a plain load in interpret mode, where the hint means
+    nothing and the masked-load discharge would only slow the program down."""
+    if evict_first and _load is not None:
+        return [_load(words_ref.at[np.int32(p), rows, cols], eviction_policy="evict_first") for p in range(2 * T)]
+    return [words_ref[p, rows, cols] for p in range(2 * T)]
 
 
 def _scales(h_ref, rows, T: int):
@@ -93,14 +95,15 @@ def _k_range(split, per: int, kb_total: int):
     return start, jnp.minimum(start + per, kb_total)
 
 
-def _gemv_kernel(words_ref, h_ref, x_ref, out_ref, *, T, bw, bn, batch, per, kb_total, scale_dtype, unroll):
+def _gemv_kernel(words_ref, h_ref, x_ref, out_ref, *, T, bw, bn, batch, per, kb_total, scale_dtype, unroll,
+                 evict_first):
     """Decode path: ``2 batch`` float32 accumulators ``[BN, bw]`` of FMAs, one row reduction at the end."""
     i, split = pl.program_id(0), pl.program_id(1)
     rows = pl.ds(i * bn, bn)
     h = _scales(h_ref, rows, T)
 
     def body(kb, accs):
-        planes = [_load_codes(words_ref.at[np.int32(p), rows, pl.ds(kb * bw, bw)]) for p in range(2 * T)]
+        planes = _code_tiles(words_ref, rows, pl.ds(kb * bw, bw), T, evict_first)
 
         def slot_body(slot, accs):
             a11, a12, a21, a22 = _slot_blocks(planes, slot, h, T, scale_dtype)
@@ -123,7 +126,8 @@ def _gemv_kernel(words_ref, h_ref, x_ref, out_ref, *, T, bw, bn, batch, per, kb_
         out_ref[split, 1, rows, t] = jnp.sum(accs[2 * t + 1], axis=1)
 
 
-def _gemm_kernel(words_ref, h_ref, x_ref, out_ref, *, T, bw, bn, bb, per, kb_total, scale_dtype, dtype, unroll):
+def _gemm_kernel(words_ref, h_ref, x_ref, out_ref, *, T, bw, bn, bb, per, kb_total, scale_dtype, dtype, unroll,
+                 evict_first):
     """Small-batch path: four ``[BN, bw] x [bw, BB]`` dots per slot into float32 ``[BN, BB]`` accumulators."""
     i, split, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     rows, cols = pl.ds(i * bn, bn), pl.ds(b * bb, bb)
@@ -135,7 +139,7 @@ def _gemm_kernel(words_ref, h_ref, x_ref, out_ref, *, T, bw, bn, bb, per, kb_tot
                                    preferred_element_type=jnp.float32)
 
     def body(kb, acc):
-        planes = [_load_codes(words_ref.at[np.int32(p), rows, pl.ds(kb * bw, bw)]) for p in range(2 * T)]
+        planes = _code_tiles(words_ref, rows, pl.ds(kb * bw, bw), T, evict_first)
 
         def slot_body(slot, acc):
             acc1, acc2 = acc
@@ -231,7 +235,7 @@ class PallasGpu(Implementation):
         splits, per = split_k(kb_total, programs, self.target_programs)
         grid = (rows // bn, splits, padded // bb)
         body = _bind(kernel, T=T, bw=bw, bn=bn, per=per, kb_total=kb_total, scale_dtype=scale_dtype,
-                     unroll=self.unroll_slots, **static)
+                     unroll=self.unroll_slots, evict_first=not self.interpret, **static)
         partials = pl.pallas_call(
             body,
             out_shape=jax.ShapeDtypeStruct((splits, 2, rows, padded), jnp.float32),

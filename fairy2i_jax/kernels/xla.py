@@ -6,7 +6,7 @@ Per layer, with ``x = [a; b]`` zero-padded to ``Mp = 16 Wp`` positions and the c
 
     tops[p, j, 16 w + i] = words[p, j, c kw + w] << (30 - 2 i)                 (p = mat * T + t, i = bit slot)
     (A11, A12, A21, A22)[j, l] = block_values(tops, h)                          (decode.py: exact, in f32)
-    y[b, o, j] += sum_{i, l} x[b, i, l] A_{o+1, i+1}[j, l]                      (o, i in {0, 1}: halves)
+    y1 += a_c A11^T + b_c A12^T,   y2 += a_c A21^T + b_c A22^T              (a_c, b_c: the chunk of a, b)
 
 so ``y = x @ unpack_to_real(packed).T`` up to float32 summation order: the blocks equal the dequantized
 weights bit for bit (decode.py) and the products are the reference's own (bf16 x bf16, exact in float32, when
@@ -33,7 +33,7 @@ import numpy as np
 
 from fairy2i_jax.kernels import decode
 from fairy2i_jax.kernels.base import Implementation, Prepared
-from fairy2i_jax.kernels.layout import activation_halves, cdiv, code_planes, half_scales, pad_axis
+from fairy2i_jax.kernels.layout import cdiv, code_planes, half_scales, pad_axis
 from fairy2i_jax.packing import CODES_PER_WORD, PackedWidelyLinear, num_words
 
 Array = Any
@@ -78,40 +78,42 @@ def chunk_scales(h: Array, meta: LayerMeta, start: Array, size: int) -> Array:
     return jnp.take(h, groups, axis=-1, mode="clip")
 
 
-def chunk_blocks(words: Array, h: Array, meta: LayerMeta, chunk: Array, dtype: Any) -> Array:
-    """Decoded blocks of chunk ``chunk``: ``[2 (out half), 2 (in half), n, C]`` in ``dtype`` (exact values)."""
+def chunk_blocks(words: Array, h: Array, meta: LayerMeta, chunk: Array, dtype: Any) -> tuple[Array, ...]:
+    """Decoded blocks ``(A11, A12, A21, A22)`` of chunk ``chunk``, each ``[n, C]`` in ``dtype`` (exact values)."""
     kw, T = meta.chunk_words, meta.stages
     w = jax.lax.dynamic_slice_in_dim(words, chunk * kw, kw, axis=2)
     slots = jnp.arange(CODES_PER_WORD, dtype=jnp.uint32)
     tops = decode.code_to_top(w[..., None], slots).reshape(*w.shape[:2], kw * CODES_PER_WORD)
     hc = chunk_scales(h, meta, chunk * kw * CODES_PER_WORD, kw * CODES_PER_WORD)
-    a11, a12, a21, a22 = decode.block_values(
+    blocks = decode.block_values(
         [tops[t] for t in range(T)], [tops[T + t] for t in range(T)], hc, np.dtype(meta.scale_dtype), bitwise=True
     )
-    return jnp.stack([jnp.stack([a11, a12]), jnp.stack([a21, a22])]).astype(dtype)
+    return tuple(b.astype(dtype) for b in blocks)
 
 
 def layer_matmul(x: Array, words: Array, h: Array, meta: LayerMeta) -> Array:
     """``x [B, 2m] -> [B, 2n]`` for one prepared layer (module docstring), float32 accumulation, x's dtype."""
-    batch, m = x.shape[0], x.shape[1] // 2
+    m = x.shape[1] // 2
     kw, nc = meta.chunk_words, meta.num_chunks
     dtype = compute_dtype(x.dtype, meta.scale_dtype)
     precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
     size = kw * CODES_PER_WORD
-    halves = activation_halves(x, m, nc * size, batch, dtype)  # [2, B, Mp]
+    xa, xb = (pad_axis(half.astype(dtype), 1, nc * size) for half in (x[:, :m], x[:, m:]))  # [B, Mp] each
+
+    def dot(xs, w):  # [B, C] x [n, C]^T -> [B, n], four plain 2-D dots (a 4-D contraction is 5x slower on CPU)
+        return jax.lax.dot_general(xs, w, (((1,), (1,)), ((), ())), precision=precision,
+                                   preferred_element_type=jnp.float32)
 
     def contract(chunk):
-        blocks = chunk_blocks(words, h, meta, chunk, dtype)
-        xc = jax.lax.dynamic_slice_in_dim(halves, chunk * size, size, axis=2)
-        return jax.lax.dot_general(
-            xc, blocks, (((0, 2), (1, 3)), ((), ())), precision=precision, preferred_element_type=jnp.float32
-        )  # [B, 2, n]
+        a11, a12, a21, a22 = chunk_blocks(words, h, meta, chunk, dtype)
+        xa_c, xb_c = (jax.lax.dynamic_slice_in_dim(v, chunk * size, size, axis=1) for v in (xa, xb))
+        return dot(xa_c, a11) + dot(xb_c, a12), dot(xa_c, a21) + dot(xb_c, a22)
 
     if nc == 1:
-        y = contract(0)
+        y1, y2 = contract(0)
     else:
-        y = jax.lax.fori_loop(1, nc, lambda c, acc: acc + contract(c), contract(0))
-    return y.reshape(batch, 2 * meta.n).astype(x.dtype)
+        y1, y2 = jax.lax.fori_loop(1, nc, lambda c, acc: jax.tree_util.tree_map(jnp.add, acc, contract(c)), contract(0))
+    return jnp.concatenate([y1, y2], axis=-1).astype(x.dtype)
 
 
 def prepare_layer(packed: PackedWidelyLinear, chunk_positions: int) -> tuple[dict, LayerMeta]:

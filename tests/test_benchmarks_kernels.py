@@ -1,0 +1,40 @@
+"""Smoke test of benchmarks/kernels.py (the script the GPU check runs): a tiny --small run, its JSON report."""
+
+import json
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from benchmarks import kernels as bench  # noqa: E402
+
+
+def test_small_run_reports_the_implementations_against_bf16(tmp_path):
+    """The fused qkv shape (three layers, one call) at batch 16; ``reference`` serves as the error oracle of
+    every row (timing it too would only add compile time here)."""
+    out = tmp_path / "kernels.json"
+    rows = bench.main(["--small", "--shapes", "qkv", "--batches", "16", "--implementations", "xla",
+                       "--repeats", "1", "--rotate-mb", "0.05", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["rows"] == json.loads(json.dumps(rows)) and report["meta"]["backend"] == "cpu"
+    assert [(r["batch"], r["implementation"]) for r in rows] == [(16, "bf16"), (16, "xla")]
+    for r in rows:
+        assert r["seconds"] > 0 and r["bytes"] > 0 and r["copies"] >= 1
+        assert (r["shape"], r["out"], r["in"]) == ("qkv", 768, 256)
+        if r["implementation"] == "bf16":
+            assert r["speedup_vs_bf16"] == 1.0 and r["bytes"] == r["out"] * r["in"] * 2 + r["batch"] * r["in"] * 2
+        else:
+            assert r["rel_err"] <= 2.0**-7, r  # bf16 outputs of the same exact products: at most one bf16 ulp
+            assert r["bytes"] < r["out"] * r["in"] * 2 / 4  # 2 bits per weight (+ scales) vs 16
+    assert bench.copies_for(1_000_000, 128) == 128 and bench.copies_for(10**9, 128) == 1
+
+
+def test_cli_refuses_unknown_or_unavailable_implementations(capsys):
+    import pytest
+
+    for arg, msg in [("triton", "unknown implementations"), ("pallas_gpu", "do not run on backend 'cpu'")]:
+        with pytest.raises(SystemExit):
+            bench.main(["--small", "--implementations", arg])
+        assert msg in capsys.readouterr().err
