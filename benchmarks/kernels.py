@@ -1,7 +1,7 @@
 """Packed W2 matmul implementations against XLA's bf16 dot of the same shape (issue [F], point 7).
 
-For every shape (Llama-2-7B projections, real ``[out, in]``; ```--small`` divides each dim by 16 for CPU) and
-batch, in one run:
+For every shape (Llama-2-7B projections, real ``[out, in]``; ``--small`` divides each dim by 16 for CPU)
+and batch, in one run:
 
 * ``bf16``: ``x @ W.T`` with bf16 ``W`` and ``x`` (float32 accumulation, bf16 out), XLA's dot; the fused
   shapes (qkv, gate/up) are one dot over the concatenated weight, as a model would run them;
@@ -11,15 +11,21 @@ batch, in one run:
 Timing: one jitted program runs ``--passes`` passes of a ``lax.scan`` over ``copies`` distinct weight sets
 (random codes and positive random bf16 scales, W2 by default; random bf16 for the baseline), with
 ``copies`` chosen so one pass reads at least ``--rotate-mb`` MB of weights (default 128 MB: more than the
-H200's 60 MB L2, so HBM is measured, not L2; 1 MB with ``--small``, where only the CPU figures matter). Each call's output is reduced into the scan carry, so nothing
-is dead code. The time per call is the program's wall time (host timer around ``block_until_ready``, after
+H200's 60 MB L2, so HBM is measured, not L2; 1 MB with ``--small``). Each call's output is reduced into
+the scan carry, so nothing is dead code. The time per call is the program's wall time (host timer around ``block_until_ready``, after
 a warm-up run) over ``passes * copies``; the median over ``--repeats`` programs is reported.
 
 Reported per (shape, batch, implementation): microseconds per call, effective TB/s on the bytes actually
 read per call (the prepared operand's arrays, i.e. codes incl. padding + scales, plus the activations; bf16:
-weight + activations), the speed-up over bf16 in the same run, and the relative error ``max|y - ref| /
-max|y_ref|`` of copy 0 against the ``reference`` implementation (bf16 outputs on both sides, each a
-rounding of float32 sums in a different order: expect <= 2^-7 = one bf16 ulp).
+weight + activations), the speed-up over bf16 in the same run, and the relative errors ``max|y - ref| /
+max|y_ref|`` of copy 0 against the ``reference`` implementation: with the bf16 activations (both sides
+round float32 sums, in different orders, to bf16: expect <= 2^-7 = one bf16 ulp) and with the same
+activations in float32 (the exactness check: expect <= 1e-5; a decode that misses a rounding of the
+format shows as ~1e-3; so would a reference whose bf16 roundings XLA dropped as excess precision: rerun
+with ``XLA_FLAGS=--xla_allow_excess_precision=false`` to tell the two apart).
+
+``--implementations`` takes registry names, or ``name:field=value:...`` to try variants of an
+implementation's options in the same run, e.g. ``pallas_gpu,pallas_gpu:rounding=native:gemv_block_n=64``.
 
 Usage (repository root): ``python -m benchmarks.kernels [--small] [--json OUT] [--implementations a,b]
 [--batches 1,16,64] [--shapes qkv,gate_up] [--repeats 5] [--passes 2] [--rotate-mb 128]``.
@@ -28,6 +34,7 @@ Usage (repository root): ``python -m benchmarks.kernels [--small] [--json OUT] [
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -118,26 +125,51 @@ def bench_bf16(layers, x, args) -> dict:
         return [y.astype(x.dtype)]
 
     seconds = median_seconds(timed_program(call, weights, x, args.passes), args.repeats) / (args.passes * copies)
-    return dict(implementation="bf16", seconds=seconds, bytes=per_copy + nbytes(x), copies=copies, rel_err=None)
+    return dict(implementation="bf16", seconds=seconds, bytes=per_copy + nbytes(x), copies=copies, rel_err=None,
+                rel_err_f32=None)
 
 
-def bench_packed(name, layers, x, args) -> dict:
-    impl = kernels.IMPLEMENTATIONS[name]
+def errors(prep, canon, x) -> tuple[float, float]:
+    """``(bf16, f32)``: relative errors of ``prep`` against ``reference`` for ``x`` and for ``x`` in float32
+    (the exactness check: <= 1e-5 unless the decode misses a rounding of the format, which shows as ~1e-3)."""
+    out = []
+    for xs in (x, x.astype(jnp.float32)):
+        ys = kernels.packed_matmul_fused(xs, prep)
+        refs = kernels.packed_matmul_fused(xs, canon, implementation="reference")
+        out.append(max(rel_err(y, r) for y, r in zip(ys, refs)))
+    return out[0], out[1]
+
+
+def bench_packed(label, impl, layers, x, args) -> dict:
     canon = [random_layer(jax.random.key(i), o, k, args.stages) for i, (o, k) in enumerate(layers)]
-    prep0 = kernels.prepare(canon, name)
+    prep0 = kernels.prepare(canon, impl)
     per_copy = nbytes(prep0.arrays)
     copies = copies_for(per_copy, args.rotate_mb)
     preps = [prep0] + [
-        kernels.prepare([random_layer(jax.random.key(1000 * c + i), o, k, args.stages) for i, (o, k) in enumerate(layers)], name)
+        kernels.prepare([random_layer(jax.random.key(1000 * c + i), o, k, args.stages) for i, (o, k) in enumerate(layers)], impl)
         for c in range(1, copies)
     ]
-    ys = kernels.packed_matmul_fused(x, prep0)
-    refs = kernels.packed_matmul_fused(x, canon, implementation="reference")
-    err = max(rel_err(y, r) for y, r in zip(ys, refs))
+    err, err_f32 = errors(prep0, canon, x)
     program = timed_program(lambda x, op: kernels.packed_matmul_fused(x, op), stack(preps), x, args.passes)
     seconds = median_seconds(program, args.repeats) / (args.passes * copies)
-    del impl
-    return dict(implementation=name, seconds=seconds, bytes=per_copy + nbytes(x), copies=copies, rel_err=err)
+    return dict(implementation=label, seconds=seconds, bytes=per_copy + nbytes(x), copies=copies, rel_err=err,
+                rel_err_f32=err_f32)
+
+
+def parse_implementation(spec: str):
+    """``name`` or ``name:field=value:...`` (a registry entry with some fields replaced, e.g.
+    ``pallas_gpu:rounding=native:gemv_block_n=64``) -> the implementation object; ``ValueError`` if unknown."""
+    name, *options = spec.split(":")
+    if name not in kernels.IMPLEMENTATIONS:
+        raise ValueError(f"unknown implementation {name!r}; known: {sorted(kernels.IMPLEMENTATIONS)}")
+    impl = kernels.IMPLEMENTATIONS[name]
+    for option in options:
+        key, _, value = option.partition("=")
+        if not dataclasses.is_dataclass(impl) or key not in {f.name for f in dataclasses.fields(impl)}:
+            raise ValueError(f"{name} has no option {key!r}")
+        kind = type(getattr(impl, key))
+        impl = dataclasses.replace(impl, **{key: value.lower() in ("1", "true") if kind is bool else kind(value)})
+    return impl
 
 
 def parse_args(argv):
@@ -155,15 +187,15 @@ def parse_args(argv):
     for name, full, small in (("repeats", 5, 3), ("passes", 2, 1), ("rotate_mb", 128.0, 1.0)):
         if getattr(args, name) is None:
             setattr(args, name, small if args.small else full)
-    names = args.implementations.split(",") if args.implementations else list(kernels.available_implementations())
-    unknown = [n for n in names if n not in kernels.IMPLEMENTATIONS]
-    if unknown:
-        p.error(f"unknown implementations {unknown}; known: {sorted(kernels.IMPLEMENTATIONS)}")
-    unavailable = [n for n in names if not kernels.IMPLEMENTATIONS[n].available()]
+    specs = args.implementations.split(",") if args.implementations else list(kernels.available_implementations())
+    try:
+        args.impls = {spec: parse_implementation(spec) for spec in specs}
+    except ValueError as e:
+        p.error(str(e))
+    unavailable = [spec for spec, impl in args.impls.items() if not impl.available()]
     if unavailable:
         p.error(f"{unavailable} do not run on backend {jax.default_backend()!r}; available: "
                 f"{kernels.available_implementations()}")
-    args.names = names
     shapes = args.shapes.split(",") if args.shapes else list(SHAPES)
     bad = [s for s in shapes if s not in SHAPES]
     if bad:
@@ -175,9 +207,9 @@ def parse_args(argv):
 
 
 def format_row(r) -> str:
-    err = "-" if r["rel_err"] is None else f"{r['rel_err']:.1e}"
+    err, err32 = ("-" if r[k] is None else f"{r[k]:.1e}" for k in ("rel_err", "rel_err_f32"))
     return (f"| {r['shape']} | {r['out']}x{r['in']} | {r['batch']} | {r['implementation']} | {r['us']:.1f} | "
-            f"{r['tb_s']:.3g} | {r['speedup_vs_bf16']:.2f} | {err} | {r['copies']} |")
+            f"{r['tb_s']:.3g} | {r['speedup_vs_bf16']:.2f} | {err} | {err32} | {r['copies']} |")
 
 
 def main(argv=None) -> list[dict]:
@@ -187,13 +219,14 @@ def main(argv=None) -> list[dict]:
                 stages=args.stages, rotate_mb=args.rotate_mb, passes=args.passes, repeats=args.repeats)
     print(f"# {meta['device']}, backend {meta['backend']}, jax {meta['jax']}, W{args.stages}, "
           f">= {args.rotate_mb} MB of weights per pass", flush=True)
-    header = "| shape | out x in | batch | implementation | us/call | TB/s | vs bf16 | rel err | copies |"
-    print(header + "\n|" + "---|" * 9, flush=True)
+    header = "| shape | out x in | batch | implementation | us/call | TB/s | vs bf16 | err bf16 | err f32 | copies |"
+    print(header + "\n|" + "---|" * 10, flush=True)
     rows = []
     for shape, layers in args.shape_list.items():
         for batch in args.batch_list:
             x = jax.random.normal(jax.random.key(batch), (batch, layers[0][1]), jnp.bfloat16)
-            results = [bench_bf16(layers, x, args)] + [bench_packed(n, layers, x, args) for n in args.names]
+            results = [bench_bf16(layers, x, args)] + [
+                bench_packed(spec, impl, layers, x, args) for spec, impl in args.impls.items()]
             base = results[0]["seconds"]
             for r in results:
                 r.update(shape=shape, out=sum(o for o, _ in layers), batch=batch, us=r["seconds"] * 1e6,

@@ -27,14 +27,18 @@ def test_small_run_reports_the_implementations_against_bf16(tmp_path):
             assert r["speedup_vs_bf16"] == 1.0 and r["bytes"] == r["out"] * r["in"] * 2 + r["batch"] * r["in"] * 2
         else:
             assert r["rel_err"] <= 2.0**-7, r  # bf16 outputs of the same exact products: at most one bf16 ulp
+            assert r["rel_err_f32"] <= 1e-5, r  # float32 activations: exact up to summation order
             assert r["bytes"] < r["out"] * r["in"] * 2 / 4  # 2 bits per weight (+ scales) vs 16
     assert bench.copies_for(1_000_000, 128) == 128 and bench.copies_for(10**9, 128) == 1
+    variant = bench.parse_implementation("pallas_gpu:rounding=native:gemv_block_n=64:unroll_slots=false")
+    assert (variant.name, variant.rounding, variant.gemv_block_n, variant.unroll_slots) == ("pallas_gpu", "native", 64, False)
 
 
 def test_cli_refuses_unknown_or_unavailable_implementations(capsys):
     import pytest
 
-    for arg, msg in [("triton", "unknown implementations"), ("pallas_gpu", "do not run on backend 'cpu'")]:
+    for arg, msg in [("triton", "unknown implementation 'triton'"), ("pallas_gpu", "do not run on backend 'cpu'"),
+                     ("xla:block=3", "xla has no option 'block'")]:
         with pytest.raises(SystemExit):
             bench.main(["--small", "--implementations", arg])
         assert msg in capsys.readouterr().err

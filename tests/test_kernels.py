@@ -71,18 +71,21 @@ def test_slot_major_puts_contiguous_positions_in_each_slot(block_words):
 )
 def test_decoded_blocks_equal_unpack_to_real_bit_for_bit(stages, numerics, granularity):
     """The exact decode (sign-bit values, stage sums and recomposition rounded like unpack_to_real) over
-    several chunks, including the padded tail, rebuilds the dense weight exactly."""
+    several chunks, including the padded tail, rebuilds the dense weight exactly, with either float32
+    rounding (converts, as the Pallas kernels do; integer round-to-nearest-even, as xla does)."""
     spec = {} if granularity == "tensor" and numerics == "bf16_exact" else dict(numerics=numerics, granularity=granularity, group_size=8)
     packed = packed_layer(0, 26, 144, stages, **spec)  # m = 72: 5 words, the last one padded
     arrays, meta = xla.prepare_layer(packed, chunk_positions=13 * 32)  # 2-word chunks
     assert meta.num_chunks == 3
-    decode_chunk = jax.jit(xla.chunk_blocks, static_argnums=(2, 4))
-    blocks = [decode_chunk(arrays["words"], arrays["h"], meta, c, jnp.float32) for c in range(meta.num_chunks)]
-    a11, a12, a21, a22 = (jnp.concatenate(b, axis=-1)[:, : packed.m] for b in zip(*blocks))  # each [n, m]
-    dense = jnp.block([[a11, a12], [a21, a22]])
+    decode_chunks = jax.jit(lambda w, h, rounding: [xla.chunk_blocks(w, h, meta, c, jnp.float32, rounding)
+                                                    for c in range(meta.num_chunks)], static_argnums=2)
     want = np.asarray(unpack_to_real(packed), np.float32)
-    np.testing.assert_array_equal(np.asarray(dense) == 0, want == 0)
-    np.testing.assert_array_equal(np.asarray(dense)[want != 0], want[want != 0])
+    for rounding in ("convert", "bits"):  # "native" is exact only where per-op bf16 rounding is kept
+        blocks = decode_chunks(arrays["words"], arrays["h"], rounding)
+        a11, a12, a21, a22 = (jnp.concatenate(b, axis=-1)[:, : packed.m] for b in zip(*blocks))  # each [n, m]
+        dense = np.asarray(jnp.block([[a11, a12], [a21, a22]]))
+        np.testing.assert_array_equal(dense == 0, want == 0)
+        np.testing.assert_array_equal(dense[want != 0], want[want != 0])
 
 
 def test_the_rounding_matters_for_bf16_layers():
@@ -93,7 +96,7 @@ def test_the_rounding_matters_for_bf16_layers():
     arrays, meta = xla.prepare_layer(packed, 1 << 19)
     loose = dataclasses.replace(meta, scale_dtype="float32")  # same codes and scales, no bf16 rounding
     b = [np.asarray(v, np.float64)[:, : packed.m]
-         for v in jax.jit(xla.chunk_blocks, static_argnums=(2, 4))(arrays["words"], arrays["h"], loose, 0, jnp.float32)]
+         for v in jax.jit(lambda w, h: xla.chunk_blocks(w, h, loose, 0, jnp.float32))(arrays["words"], arrays["h"])]
     unrounded = np.block([[b[0], b[1]], [b[2], b[3]]])
     x = np.random.default_rng(1).standard_normal((4, 144))
     assert rel_err(x @ unrounded.T, x @ exact.T) > 1e-4

@@ -68,10 +68,13 @@ def twice_phase(top: Array) -> tuple[Array, Array]:
     return re2, im2
 
 
+ROUNDINGS = ("native", "convert", "bits")
+
+
 def round_to(v: Array, dtype: Any, bitwise: bool = False) -> Array:
     """``rnd_dtype(v)`` kept in float32 (identity for float32).
 
-    ``bitwise=False``: ``v.astype(dtype).astype(float32)`` (two converts; what the Pallas kernels use).
+    ``bitwise=False``: ``v.astype(dtype).astype(float32)`` (two converts).
     ``bitwise=True`` (bfloat16 only): round to nearest even on the float32 bits,
     ``bits(v) + 0x7FFF + (bits(v) >> 16 & 1)`` with the low 16 bits cleared: integer ops that an XLA pass
     allowed to keep excess precision (``xla_allow_excess_precision``) cannot drop as a convert pair.
@@ -87,51 +90,74 @@ def round_to(v: Array, dtype: Any, bitwise: bool = False) -> Array:
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def stage_sum(parts: Sequence[Array], dtype: Any, bitwise: bool = False) -> Array:
+def work_dtype(dtype: Any, rounding: str) -> Any:
+    """The arithmetic dtype: ``dtype`` itself for ``native`` rounding, float32 for ``convert`` / ``bits``."""
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"unknown rounding {rounding!r}; expected one of {ROUNDINGS}")
+    return np.dtype(dtype) if rounding == "native" else np.dtype(jnp.float32)
+
+
+def rounded(v: Array, dtype: Any, rounding: str) -> Array:
+    """``rnd_dtype`` of a fresh sum ``v``: implicit in ``native`` arithmetic (the op rounds), else
+    :func:`round_to` (``bits`` on the bits, ``convert`` by converts)."""
+    return v if rounding == "native" else round_to(v, dtype, rounding == "bits")
+
+
+def stage_sum(parts: Sequence[Array], dtype: Any, rounding: str = "convert") -> Array:
     """``rnd(... rnd(rnd(p_1 + p_2) + p_3) ...)`` in ``dtype``: the stage order of ``decode_phase_codes``."""
     acc = parts[0]
     for p in parts[1:]:
-        acc = round_to(acc + p, dtype, bitwise)
+        acc = rounded(acc + p, dtype, rounding)
     return acc
 
 
 def plane_values(tops: Sequence[Array], h_re: Sequence[Array], h_im: Sequence[Array], dtype: Any,
-                 bitwise: bool = False):
+                 rounding: str = "convert"):
     """``(Re M, Im M)`` of one matrix from its T stages: ``Re M = stage_sum_t(2 Re(i^k_t) * h_re,t)``.
 
-    ``tops[t]``: codes on bits 31/30 (uint32); ``h_re[t]``, ``h_im[t]``: halved scales ``s / 2`` (float32,
-    broadcastable: scalars for per-tensor scales, ``[rows, 1]`` for row scales). Returns float32 arrays whose
-    values are exact in ``dtype``.
+    ``tops[t]``: codes on bits 31/30 (uint32); ``h_re[t]``, ``h_im[t]``: halved scales ``s / 2`` (exact in
+    ``dtype``; broadcastable: scalars for per-tensor scales, ``[rows, 1]`` for row scales). Products are
+    exact; values are in :func:`work_dtype` and exact in ``dtype``.
     """
+    work = work_dtype(dtype, rounding)
     re_parts, im_parts = [], []
     for top, hr, hi in zip(tops, h_re, h_im):
         re2, im2 = twice_phase(top)
-        re_parts.append(re2 * hr)
-        im_parts.append(im2 * hi)
-    return stage_sum(re_parts, dtype, bitwise), stage_sum(im_parts, dtype, bitwise)
+        re_parts.append(re2.astype(work) * jnp.asarray(hr).astype(work))
+        im_parts.append(im2.astype(work) * jnp.asarray(hi).astype(work))
+    return stage_sum(re_parts, dtype, rounding), stage_sum(im_parts, dtype, rounding)
 
 
-def blocks_from_planes(u_re: Array, u_im: Array, w_re: Array, w_im: Array, dtype: Any, bitwise: bool = False):
+def blocks_from_planes(u_re: Array, u_im: Array, w_re: Array, w_im: Array, dtype: Any, rounding: str = "convert"):
     """``(A11, A12, A21, A22) = rnd(Re W + Re U), rnd(Im W - Im U), rnd(Im W + Im U), rnd(Re U - Re W)``."""
     return (
-        round_to(w_re + u_re, dtype, bitwise),
-        round_to(w_im - u_im, dtype, bitwise),
-        round_to(w_im + u_im, dtype, bitwise),
-        round_to(u_re - w_re, dtype, bitwise),
+        rounded(w_re + u_re, dtype, rounding),
+        rounded(w_im - u_im, dtype, rounding),
+        rounded(w_im + u_im, dtype, rounding),
+        rounded(u_re - w_re, dtype, rounding),
     )
 
 
-def block_values(u_tops: Sequence[Array], w_tops: Sequence[Array], h: Any, dtype: Any, bitwise: bool = False):
-    """The exact 2x2 block ``(A11, A12, A21, A22)`` (float32 arrays, values exact in ``dtype``) of each position.
+def block_values(u_tops: Sequence[Array], w_tops: Sequence[Array], h: Any, dtype: Any, rounding: str = "convert"):
+    """The exact 2x2 block ``(A11, A12, A21, A22)`` of each position, in :func:`work_dtype`.
 
     ``u_tops[t]``, ``w_tops[t]``: the codes of U and W at stage ``t`` on bits 31/30 (:func:`code_to_top`);
-    ``h[mat][part][t]``: halved scales (``mat`` in U, W; ``part`` in RE, IM), broadcastable against the tops.
-    Equals the entries of ``unpack_to_real`` at those positions bit for bit (module docstring); ``bitwise``
-    selects the rounding of :func:`round_to`.
+    ``h[mat][part][t]``: halved scales (``mat`` in U, W; ``part`` in RE, IM), broadcastable against the tops;
+    ``dtype``: the scales' dtype, in which the format rounds. Equals the entries of ``unpack_to_real`` at those
+    positions bit for bit in every ``rounding`` (module docstring):
+
+    * ``convert``: float32 arithmetic and ``astype`` round trips (the Pallas kernels' default: Triton and
+      Mosaic lower them to truncf/extf, which no pass folds);
+    * ``bits``: float32 arithmetic and integer round-to-nearest-even (the xla implementation: XLA's
+      excess-precision passes may drop convert pairs);
+    * ``native``: the arithmetic itself in ``dtype`` (each bf16 op rounds; on Hopper one bf16 ALU op, or
+      half of one as bf16x2). Exact only where the compiler keeps per-op bf16 rounding: Triton and Mosaic
+      do, but XLA does not always (XLA CPU fused bf16 chains in float32 here, so Pallas interpret mode,
+      which runs on XLA, cannot validate it); an option of the Pallas kernels to try on the device.
     """
-    u_re, u_im = plane_values(u_tops, h[U][RE], h[U][IM], dtype, bitwise)
-    w_re, w_im = plane_values(w_tops, h[W][RE], h[W][IM], dtype, bitwise)
-    return blocks_from_planes(u_re, u_im, w_re, w_im, dtype, bitwise)
+    u_re, u_im = plane_values(u_tops, h[U][RE], h[U][IM], dtype, rounding)
+    w_re, w_im = plane_values(w_tops, h[W][RE], h[W][IM], dtype, rounding)
+    return blocks_from_planes(u_re, u_im, w_re, w_im, dtype, rounding)
 
 
 def over_slots(body, carry, unroll: bool):

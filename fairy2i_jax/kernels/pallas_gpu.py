@@ -20,24 +20,34 @@ Layout chosen by ``prepare`` (layout.stack_rows, once at load time):
 
 Kernels. Grid ``(R / BN, S, B_pad / BB)``: row block, split-K part, batch block. Each program streams its
 share of the K-blocks (``fori_loop``; code loads ``evict_first``, activations default-cached since every row
-block rereads them), decodes 16 slots per word tile (three 32-bit logic ops per code and part, a multiply
-by the halved scale, and the roundings), and writes float32 partials ``[S, 2, R, B_pad]`` that one small XLA
-reduction sums and casts (deterministic, unlike atomics).
+block rereads them), decodes the 16 bit slots of each word tile (unrolled: static shifts and offsets), and
+writes float32 partials ``[S, 2, R, B_pad]`` that one small XLA reduction sums and casts (deterministic,
+unlike atomics).
 
-* decode path, ``B <= 8``: no tensor cores; ``2B`` float32 accumulators ``[BN, 16]`` of FMAs, reduced once at
-  the end (gemlite style). ``BN = 32`` keeps the accumulators of B = 8 at 64 registers per thread (4 warps).
+* decode path, ``B <= 8``: no tensor cores (no layout conversion of the decoded tile into MMA operands);
+  ``2B`` float32 accumulators ``[BN, 16]`` of FMAs, reduced once at the end (gemlite style). ``BN = 32``
+  keeps the accumulators of B = 8 at 64 registers per thread (4 warps).
 * small-batch path, ``B > 8``: ``BB = clamp(next_pow2(B), 16, 64)`` and four ``[BN, 16] x [16, BB]`` dots per
   slot (bf16 when activations and scales are bf16, which is exact; float32 at ``HIGHEST`` = IEEE otherwise,
   never TF32). ``BN = 64``.
 * split-K ``S``: enough parts that ``R/BN * S * B_pad/BB`` reaches ``target_programs`` (two waves of the
   H200's 132 SMs), at most one per K-block.
 
-Why these choices (kernels.md): at 2 bits per weight the decode, not HBM, bounds a naive kernel. Here each
-position costs about 10 integer/float ops per code (three logic ops and one multiply per part, plus the
-exact roundings of the bf16 format, which the unrounded "scale once per output" trick cannot reproduce:
-decode.py), so this first version is expected to be issue-bound near the 0.9 TB/s of the naive kernels
-reported in kernels.md, not at HBM speed; the byte-table decode into the MMA fragment layout (Mosaic GPU
-with shared memory) is the known next step. No GPU time was measured for this module.
+Why these choices (kernels.md). At 2 bits per weight the decode, not HBM, bounds a naive kernel, and the
+exact decode of this format is not free: the bf16 roundings of the stage sums and of the recomposition
+(decode.py) rule out factoring the scales out of the sums. Per 2x2 position of W2 (4 codes) this kernel
+spends about 24 ops on the codes (shift, and, xor+and, two multiplies per code), 12 on the stage sums and
+8-12 on the recomposition (add + two converts per rounding, ``rounding="convert"``), plus 4 FMAs per token
+on the decode path: ~48 ops, ~12 per code. Estimate for a 4096 x 4096 layer on an H200 (not measured):
+4.2M positions x 48 = 2e8 lane-ops at ~3.3e13/s (fp32; integer ops at half rate) is 6-10 us of issue time,
+against ~1 us to stream its 4.2 MB and ~8 us for XLA's bf16 GEMV to stream 33.5 MB: issue-bound, around
+bf16 speed at batch 1 rather than the 8x byte ratio. ``rounding="native"`` (bf16 ALU ops, bf16x2 where
+Triton vectorises) should roughly halve the rounding cost; it is exact where the compiler keeps per-op
+bf16 rounding (expected of Triton's op-by-op lowering, not verified) but cannot be checked in interpret
+mode (decode.py), so it is an option for the device run, where ``benchmarks/kernels.py`` checks it against
+the reference with float32 activations. The known way to
+~1 op per code is the per-layer byte table of kernels.md decoded straight into the MMA fragment layout
+(shared-memory lookups: Mosaic GPU), the next step for this module.
 """
 
 from __future__ import annotations
@@ -79,15 +89,16 @@ def _code_tiles(words_ref, rows, cols, T: int, evict_first: bool):
 
 
 def _scales(h_ref, rows, T: int):
-    """Nested halved scales ``h[mat][part][t]`` as ``[BN, 1]`` columns from ``h_ref [4T, R]``."""
+    """Nested halved scales ``h[mat][part][t]`` as float32 ``[BN, 1]`` columns from ``h_ref [4T, R]``."""
     cols = [h_ref[j, rows][:, None] for j in range(4 * T)]
     return [[cols[(mat * 2 + part) * T : (mat * 2 + part + 1) * T] for part in (0, 1)] for mat in (0, 1)]
 
 
-def _slot_blocks(planes, slot: int, h, T: int, scale_dtype):
-    """Exact blocks of bit slot ``slot`` of the ``2T`` word tiles (``[BN, bw]`` uint32) -> four f32 ``[BN, bw]``."""
+def _slot_blocks(planes, slot: int, h, T: int, scale_dtype, rounding: str, dtype):
+    """Exact blocks of bit slot ``slot`` of the ``2T`` word tiles (``[BN, bw]`` uint32): four ``[BN, bw]`` in
+    ``dtype`` (``rounding`` as in decode.block_values)."""
     tops = [decode.code_to_top(w, slot) for w in planes]
-    return decode.block_values(tops[:T], tops[T:], h, scale_dtype)
+    return [v.astype(dtype) for v in decode.block_values(tops[:T], tops[T:], h, scale_dtype, rounding)]
 
 
 def _k_range(split, per: int, kb_total: int):
@@ -96,7 +107,7 @@ def _k_range(split, per: int, kb_total: int):
 
 
 def _gemv_kernel(words_ref, h_ref, x_ref, out_ref, *, T, bw, bn, batch, per, kb_total, scale_dtype, unroll,
-                 evict_first):
+                 evict_first, rounding):
     """Decode path: ``2 batch`` float32 accumulators ``[BN, bw]`` of FMAs, one row reduction at the end."""
     i, split = pl.program_id(0), pl.program_id(1)
     rows = pl.ds(i * bn, bn)
@@ -106,7 +117,7 @@ def _gemv_kernel(words_ref, h_ref, x_ref, out_ref, *, T, bw, bn, batch, per, kb_
         planes = _code_tiles(words_ref, rows, pl.ds(kb * bw, bw), T, evict_first)
 
         def slot_body(slot, accs):
-            a11, a12, a21, a22 = _slot_blocks(planes, slot, h, T, scale_dtype)
+            a11, a12, a21, a22 = _slot_blocks(planes, slot, h, T, scale_dtype, rounding, jnp.float32)
             pos = pl.ds(kb * (CODES_PER_WORD * bw) + slot * bw, bw)
             accs = list(accs)
             for t in range(batch):
@@ -127,7 +138,7 @@ def _gemv_kernel(words_ref, h_ref, x_ref, out_ref, *, T, bw, bn, batch, per, kb_
 
 
 def _gemm_kernel(words_ref, h_ref, x_ref, out_ref, *, T, bw, bn, bb, per, kb_total, scale_dtype, dtype, unroll,
-                 evict_first):
+                 evict_first, rounding):
     """Small-batch path: four ``[BN, bw] x [bw, BB]`` dots per slot into float32 ``[BN, BB]`` accumulators."""
     i, split, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     rows, cols = pl.ds(i * bn, bn), pl.ds(b * bb, bb)
@@ -143,7 +154,7 @@ def _gemm_kernel(words_ref, h_ref, x_ref, out_ref, *, T, bw, bn, bb, per, kb_tot
 
         def slot_body(slot, acc):
             acc1, acc2 = acc
-            a11, a12, a21, a22 = (v.astype(dtype) for v in _slot_blocks(planes, slot, h, T, scale_dtype))
+            a11, a12, a21, a22 = _slot_blocks(planes, slot, h, T, scale_dtype, rounding, dtype)
             pos = pl.ds(kb * (CODES_PER_WORD * bw) + slot * bw, bw)
             xa, xb = x_ref[0, cols, pos], x_ref[1, cols, pos]
             return acc1 + dot(a11, xa) + dot(a12, xb), acc2 + dot(a21, xa) + dot(a22, xb)
@@ -189,9 +200,12 @@ class PallasGpu(Implementation):
     num_warps: int = 4
     num_stages: int = 3
     unroll_slots: bool = True
+    rounding: str = "convert"
     interpret: bool = False
 
     def __post_init__(self):
+        if self.rounding not in decode.ROUNDINGS:
+            raise ValueError(f"PallasGpu.rounding must be one of {decode.ROUNDINGS}, got {self.rounding!r}")
         for f in ("block_words", "gemv_block_n", "gemm_block_n", "max_block_b"):
             if not _is_pow2(getattr(self, f)):
                 raise ValueError(f"PallasGpu.{f} must be a power of two (Triton blocks), got {getattr(self, f)}")
@@ -235,7 +249,8 @@ class PallasGpu(Implementation):
         splits, per = split_k(kb_total, programs, self.target_programs)
         grid = (rows // bn, splits, padded // bb)
         body = _bind(kernel, T=T, bw=bw, bn=bn, per=per, kb_total=kb_total, scale_dtype=scale_dtype,
-                     unroll=self.unroll_slots, evict_first=not self.interpret, **static)
+                     unroll=self.unroll_slots, evict_first=not self.interpret, rounding=self.rounding,
+                     **static)
         partials = pl.pallas_call(
             body,
             out_shape=jax.ShapeDtypeStruct((splits, 2, rows, padded), jnp.float32),

@@ -19,7 +19,9 @@ Kernel. Grid ``(R / 128, B_pad / BB, KB)`` with the K axis last and ``arbitrary`
 accumulator ``[2, BB, 128]``, written in the output dtype at the last K step); row and batch axes
 ``parallel``. Per K step: 2T word tiles (``64 KiB`` each), 16 slots x (decode on ``[128, 128]`` tiles + four
 ``[BB, 128] x [128, 128]^T`` MXU dots; bf16 when activations and scales are bf16, which is exact, float32 at
-``HIGHEST`` otherwise). The batch pads to a multiple of 16 (bf16 sublane packing), ``BB <= 256``. As the
+``HIGHEST`` otherwise; the roundings of the format by converts, ``rounding="convert"``, or as bf16 VPU ops
+with ``rounding="native"`` on chips that have them, untested). The batch pads to a multiple of 16 (bf16
+sublane packing), ``BB <= 256``. As the
 kernels reference notes, on TPU the vector unit (decode), not HBM, is the expected limit; int8 bit planes
 on the MXU are the natural next step. Verified in TPU interpret mode only (no TPU was available).
 """
@@ -52,7 +54,7 @@ Array = Any
 LANES = 128
 
 
-def _kernel(words_ref, h_ref, x_ref, out_ref, acc_ref, *, T, bw, scale_dtype, dtype, unroll):
+def _kernel(words_ref, h_ref, x_ref, out_ref, acc_ref, *, T, bw, scale_dtype, dtype, unroll, rounding):
     """One (row block, batch block, K block) step: accumulate ``[2, BB, BN]`` partial sums over 16 slots."""
     k = pl.program_id(2)
 
@@ -72,7 +74,8 @@ def _kernel(words_ref, h_ref, x_ref, out_ref, acc_ref, *, T, bw, scale_dtype, dt
     def slot_body(slot, acc):
         acc1, acc2 = acc
         tops = [decode.code_to_top(w, slot) for w in planes]
-        a11, a12, a21, a22 = (v.astype(dtype) for v in decode.block_values(tops[:T], tops[T:], h, scale_dtype))
+        blocks = decode.block_values(tops[:T], tops[T:], h, scale_dtype, rounding)
+        a11, a12, a21, a22 = (v.astype(dtype) for v in blocks)
         lanes = pl.ds(slot * bw if isinstance(slot, int) else pl.multiple_of(slot * bw, bw), bw)
         xa, xb = x_ref[0, :, lanes], x_ref[1, :, lanes]
         return acc1 + dot(xa, a11) + dot(xb, a12), acc2 + dot(xa, a21) + dot(xb, a22)
@@ -95,9 +98,12 @@ class PallasTpu(Implementation):
     block_words: int = LANES
     max_block_b: int = 256
     unroll_slots: bool = True
+    rounding: str = "convert"
     interpret: bool = False
 
     def __post_init__(self):
+        if self.rounding not in decode.ROUNDINGS:
+            raise ValueError(f"PallasTpu.rounding must be one of {decode.ROUNDINGS}, got {self.rounding!r}")
         if self.block_n % LANES or self.block_words % LANES:
             raise ValueError(f"PallasTpu block_n and block_words must be multiples of {LANES} (lanes), got "
                              f"{self.block_n}, {self.block_words}")
@@ -130,7 +136,8 @@ class PallasTpu(Implementation):
         halves = activation_halves(x, prepared.m, n_words * CODES_PER_WORD, padded, dtype)
 
         def body(*refs):
-            return _kernel(*refs, T=T, bw=bw, scale_dtype=scale_dtype, dtype=dtype, unroll=self.unroll_slots)
+            return _kernel(*refs, T=T, bw=bw, scale_dtype=scale_dtype, dtype=dtype, unroll=self.unroll_slots,
+                           rounding=self.rounding)
 
         grid = (rows // bn, padded // bb, n_words // bw)
         y = pl.pallas_call(

@@ -11,7 +11,7 @@ Per layer, with ``x = [a; b]`` zero-padded to ``Mp = 16 Wp`` positions and the c
 so ``y = x @ unpack_to_real(packed).T`` up to float32 summation order: the blocks equal the dequantized
 weights bit for bit (decode.py) and the products are the reference's own (bf16 x bf16, exact in float32, when
 activations and scales are bfloat16; else float32 x float32 at ``Precision.HIGHEST``). The bf16 roundings of the format are
-done on the bits (``decode.round_to(bitwise=True)``), so XLA's excess-precision passes cannot drop them.
+done on the bits (``rounding="bits"`` of decode.py), so XLA's excess-precision passes cannot drop them.
 Only one chunk of decoded blocks (``4 n C`` values, ``chunk_positions = n C`` bounded, 2^19 by default)
 exists at a time: XLA never holds the whole dense ``[2n, 2m]`` weight, and on GPU it may fuse the
 elementwise decode into the dot's operand.
@@ -78,15 +78,17 @@ def chunk_scales(h: Array, meta: LayerMeta, start: Array, size: int) -> Array:
     return jnp.take(h, groups, axis=-1, mode="clip")
 
 
-def chunk_blocks(words: Array, h: Array, meta: LayerMeta, chunk: Array, dtype: Any) -> tuple[Array, ...]:
-    """Decoded blocks ``(A11, A12, A21, A22)`` of chunk ``chunk``, each ``[n, C]`` in ``dtype`` (exact values)."""
+def chunk_blocks(words: Array, h: Array, meta: LayerMeta, chunk: Array, dtype: Any,
+                 rounding: str = "bits") -> tuple[Array, ...]:
+    """Decoded blocks ``(A11, A12, A21, A22)`` of chunk ``chunk``, each ``[n, C]`` in ``dtype`` (exact values;
+    ``rounding`` as in ``decode.block_values``)."""
     kw, T = meta.chunk_words, meta.stages
     w = jax.lax.dynamic_slice_in_dim(words, chunk * kw, kw, axis=2)
     slots = jnp.arange(CODES_PER_WORD, dtype=jnp.uint32)
     tops = decode.code_to_top(w[..., None], slots).reshape(*w.shape[:2], kw * CODES_PER_WORD)
     hc = chunk_scales(h, meta, chunk * kw * CODES_PER_WORD, kw * CODES_PER_WORD)
     blocks = decode.block_values(
-        [tops[t] for t in range(T)], [tops[T + t] for t in range(T)], hc, np.dtype(meta.scale_dtype), bitwise=True
+        [tops[t] for t in range(T)], [tops[T + t] for t in range(T)], hc, np.dtype(meta.scale_dtype), rounding
     )
     return tuple(b.astype(dtype) for b in blocks)
 
