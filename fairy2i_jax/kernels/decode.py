@@ -16,8 +16,8 @@ unrounded ``sum_t s_t i^k`` and ``y`` moves by ~2e-3 of ``max|y|``. Factoring th
 (``y = s_re (sum_{k=0} a - sum_{k=2} a) + ...``, one multiply per output and stage) is therefore NOT the value of
 the layer; every implementation here reproduces the roundings instead, position by position, which is exact:
 ``rnd_d`` of a float32 sum of two ``d`` values equals the correctly rounded ``d`` sum (the float32 sum is exact
-unless the exponents differ by more than 16, and then both round to the larger operand), which is also what
-XLA computes for a bfloat16 add.
+unless the exponents differ by more than 15, and then both round to the larger operand), which is what a
+bfloat16 add computes, unless a compiler keeps the sum in float32 as excess precision (``block_values``).
 
 Decoding two values per code from bits alone (the sign-bit identity of the kernels reference, on float32):
 move the code's bits ``(b1, b0)`` to bits 31/30 of a word (``top = word << (30 - 2 slot)``); then
@@ -27,8 +27,8 @@ move the code's bits ``(b1, b0)`` to bits 31/30 of a word (``top = word << (30 -
 
 (bit 31 is the float sign, bit 30 the exponent's top bit: 0x40000000 is 2.0). With halved scales
 ``h = s / 2`` (exact), ``2 Re(i^k) * h_re`` is ``Re M_t`` exactly (a signed zero where the code sits on the
-other axis; signed zeros do not change any sum or product with finite activations). Three 32-bit logic ops
-per code, no compare or select.
+other axis; signed zeros do not change any sum or product with finite activations). Four 32-bit logic ops
+per code (shift, and; xor, and), no compare or select.
 """
 
 from __future__ import annotations
