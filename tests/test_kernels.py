@@ -20,10 +20,6 @@ from fairy2i_jax.kernels.reference import reference_matmul
 from fairy2i_jax.packing import pack_codes, unpack_codes, unpack_to_real
 from fairy2i_jax.quant import QuantSpec, quantize_real_weight
 
-# (out, in) real shapes: m = 40 (3 words, a padded tail), m = 72 (5 words) with n = 13 (odd, not a multiple of 8)
-SHAPES = [(40, 80), (26, 144)]
-
-
 # ----------------------------------------------------------------------------------------------------------
 # decode math
 
@@ -80,7 +76,9 @@ def test_decoded_blocks_equal_unpack_to_real_bit_for_bit(stages, numerics, granu
     decode_chunks = jax.jit(lambda w, h, rounding: [xla.chunk_blocks(w, h, meta, c, jnp.float32, rounding)
                                                     for c in range(meta.num_chunks)], static_argnums=2)
     want = np.asarray(unpack_to_real(packed), np.float32)
-    for rounding in ("convert", "bits"):  # "native" is exact only where per-op bf16 rounding is kept
+    # "bits" (xla) everywhere, "convert" (the Pallas kernels) for T = 3, the most roundings; "native" is exact
+    # only where the compiler keeps per-op bf16 rounding, which XLA (so this test) does not promise
+    for rounding in ("bits", "convert") if stages == 3 else ("bits",):
         blocks = decode_chunks(arrays["words"], arrays["h"], rounding)
         a11, a12, a21, a22 = (jnp.concatenate(b, axis=-1)[:, : packed.m] for b in zip(*blocks))  # each [n, m]
         dense = np.asarray(jnp.block([[a11, a12], [a21, a22]]))
@@ -121,7 +119,7 @@ def test_reference_equals_the_oracle_and_the_fake_quantized_matmul():
     np.testing.assert_array_equal(np.asarray(yb, np.float32), np.asarray(reference_matmul(xb, packed), np.float32))
 
 
-@pytest.mark.parametrize("stages,out_dim,in_dim", [(1, 40, 80), (2, 26, 144), (3, 26, 144), (3, 40, 80)])
+@pytest.mark.parametrize("stages,out_dim,in_dim", [(1, 26, 144), (2, 40, 80), (2, 26, 144), (3, 26, 144)])
 def test_xla_equals_reference(stages, out_dim, in_dim):
     """Batch 1, > 1 and leading dims [2, 3, 2m]; fp32 and bf16; one chunk, and one word per chunk."""
     packed = packed_layer(0, out_dim, in_dim, stages)
@@ -177,18 +175,21 @@ def test_default_dispatch_prepared_operand_and_jit():
     assert empty.shape == (0, 26) and empty.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("implementation", ["reference", "xla"])
-def test_fused_equals_separate_calls(implementation):
-    layers = [packed_layer(i, out_dim, 80, 2) for i, out_dim in enumerate([40, 26])]  # q, k sharing x
-    x = activations(9, (4, 80))
-    fused = kernels.packed_matmul_fused(x, layers, implementation=implementation)
-    prep = kernels.prepare(layers, implementation)
-    assert prep.ns == (20, 13)
+def test_fused_equals_separate_calls():
+    """xla and reference run fused layers as a loop: bit for bit the separate calls (Pallas: one launch,
+    test_kernels_pallas)."""
+    layers = [packed_layer(0, 26, 144, 2), packed_layer(1, 40, 144, 2)]  # q, k sharing x
+    x = activations(9, (4, 144))
+    fused = kernels.packed_matmul_fused(x, layers, implementation="xla")
+    prep = kernels.prepare(layers, "xla")
+    assert prep.ns == (13, 20)
     from_prepared = kernels.packed_matmul_fused(x, prep)
-    for y, y2, p in zip(fused, from_prepared, layers):
-        np.testing.assert_array_equal(np.asarray(y), np.asarray(kernels.packed_matmul(x, p, implementation=implementation)))
+    by_reference = kernels.packed_matmul_fused(x, layers, implementation="reference")
+    for y, y2, y_ref, p in zip(fused, from_prepared, by_reference, layers):
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(kernels.packed_matmul(x, p, implementation="xla")))
         np.testing.assert_array_equal(np.asarray(y2), np.asarray(y))
         assert_matches_reference(y, x, p)
+        assert_matches_reference(y_ref, x, p)
 
 
 @dataclasses.dataclass(frozen=True)
