@@ -12,8 +12,9 @@ Timing: one jitted program runs ``--passes`` passes of a ``lax.scan`` over ``cop
 (random codes and positive random bf16 scales, W2 by default; random bf16 for the baseline), with
 ``copies`` chosen so one pass reads at least ``--rotate-mb`` MB of weights (default 128 MB: more than the
 H200's 60 MB L2, so HBM is measured, not L2; 1 MB with ``--small``). Each call's output is reduced into
-the scan carry, so nothing is dead code. The time per call is the program's wall time (host timer around ``block_until_ready``, after
-a warm-up run) over ``passes * copies``; the median over ``--repeats`` programs is reported.
+the scan carry, so nothing is dead code. The time per call is the program's wall time (host timer around
+``block_until_ready``, after a warm-up run) over ``passes * copies``; the median over ``--repeats``
+programs is reported.
 
 Reported per (shape, batch, implementation): microseconds per call, effective TB/s on the bytes actually
 read per call (the prepared operand's arrays, i.e. codes incl. padding + scales, plus the activations; bf16:
@@ -145,10 +146,10 @@ def bench_packed(label, impl, layers, x, args) -> dict:
     prep0 = kernels.prepare(canon, impl)
     per_copy = nbytes(prep0.arrays)
     copies = copies_for(per_copy, args.rotate_mb)
-    preps = [prep0] + [
-        kernels.prepare([random_layer(jax.random.key(1000 * c + i), o, k, args.stages) for i, (o, k) in enumerate(layers)], impl)
-        for c in range(1, copies)
-    ]
+    def copy(c):
+        return [random_layer(jax.random.key(1000 * c + i), o, k, args.stages) for i, (o, k) in enumerate(layers)]
+
+    preps = [prep0] + [kernels.prepare(copy(c), impl) for c in range(1, copies)]
     err, err_f32 = errors(prep0, canon, x)
     program = timed_program(lambda x, op: kernels.packed_matmul_fused(x, op), stack(preps), x, args.passes)
     seconds = median_seconds(program, args.repeats) / (args.passes * copies)
@@ -214,9 +215,10 @@ def format_row(r) -> str:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    command = "python -m benchmarks.kernels " + " ".join(sys.argv[1:] if argv is None else argv)
     meta = dict(date=datetime.date.today().isoformat(), device=device_name(), backend=jax.default_backend(),
-                jax=jax.__version__, command="python -m benchmarks.kernels " + " ".join(sys.argv[1:] if argv is None else argv),
-                stages=args.stages, rotate_mb=args.rotate_mb, passes=args.passes, repeats=args.repeats)
+                jax=jax.__version__, command=command, stages=args.stages, rotate_mb=args.rotate_mb,
+                passes=args.passes, repeats=args.repeats)
     print(f"# {meta['device']}, backend {meta['backend']}, jax {meta['jax']}, W{args.stages}, "
           f">= {args.rotate_mb} MB of weights per pass", flush=True)
     header = "| shape | out x in | batch | implementation | us/call | TB/s | vs bf16 | err bf16 | err f32 | copies |"
@@ -230,7 +232,8 @@ def main(argv=None) -> list[dict]:
             base = results[0]["seconds"]
             for r in results:
                 r.update(shape=shape, out=sum(o for o, _ in layers), batch=batch, us=r["seconds"] * 1e6,
-                         tb_s=r["bytes"] / r["seconds"] / 1e12, speedup_vs_bf16=base / r["seconds"], **{"in": layers[0][1]})
+                         tb_s=r["bytes"] / r["seconds"] / 1e12, speedup_vs_bf16=base / r["seconds"])
+                r["in"] = layers[0][1]
                 rows.append(r)
                 print(format_row(r), flush=True)
             if args.json_out:  # rewritten after every shape/batch, so a cut-off run keeps what it measured

@@ -12,17 +12,17 @@ from benchmarks import kernels as bench  # noqa: E402
 
 
 def test_small_run_reports_the_implementations_against_bf16(tmp_path):
-    """The fused qkv shape (three layers, one call) at batch 16; ``reference`` serves as the error oracle of
-    every row (timing it too would only add compile time here)."""
+    """One shape at batch 16 (the fused shapes take the same code path with more layers); ``reference``
+    serves as the error oracle of every row (timing it too would only add compile time here)."""
     out = tmp_path / "kernels.json"
-    rows = bench.main(["--small", "--shapes", "qkv", "--batches", "16", "--implementations", "xla",
+    rows = bench.main(["--small", "--shapes", "o_proj", "--batches", "16", "--implementations", "xla",
                        "--repeats", "1", "--rotate-mb", "0.05", "--json", str(out)])
     report = json.loads(out.read_text())
     assert report["rows"] == json.loads(json.dumps(rows)) and report["meta"]["backend"] == "cpu"
     assert [(r["batch"], r["implementation"]) for r in rows] == [(16, "bf16"), (16, "xla")]
     for r in rows:
         assert r["seconds"] > 0 and r["bytes"] > 0 and r["copies"] >= 1
-        assert (r["shape"], r["out"], r["in"]) == ("qkv", 768, 256)
+        assert (r["shape"], r["out"], r["in"]) == ("o_proj", 256, 256)
         if r["implementation"] == "bf16":
             assert r["speedup_vs_bf16"] == 1.0 and r["bytes"] == r["out"] * r["in"] * 2 + r["batch"] * r["in"] * 2
         else:
@@ -31,7 +31,8 @@ def test_small_run_reports_the_implementations_against_bf16(tmp_path):
             assert r["bytes"] < r["out"] * r["in"] * 2 / 4  # 2 bits per weight (+ scales) vs 16
     assert bench.copies_for(1_000_000, 128) == 128 and bench.copies_for(10**9, 128) == 1
     variant = bench.parse_implementation("pallas_gpu:rounding=native:gemv_block_n=64:unroll_slots=false")
-    assert (variant.name, variant.rounding, variant.gemv_block_n, variant.unroll_slots) == ("pallas_gpu", "native", 64, False)
+    got = (variant.name, variant.rounding, variant.gemv_block_n, variant.unroll_slots)
+    assert got == ("pallas_gpu", "native", 64, False)
 
 
 def test_cli_refuses_unknown_or_unavailable_implementations(capsys):

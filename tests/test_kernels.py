@@ -69,7 +69,8 @@ def test_decoded_blocks_equal_unpack_to_real_bit_for_bit(stages, numerics, granu
     """The exact decode (sign-bit values, stage sums and recomposition rounded like unpack_to_real) over
     several chunks, including the padded tail, rebuilds the dense weight exactly, with either float32
     rounding (converts, as the Pallas kernels do; integer round-to-nearest-even, as xla does)."""
-    spec = {} if granularity == "tensor" and numerics == "bf16_exact" else dict(numerics=numerics, granularity=granularity, group_size=8)
+    plain = granularity == "tensor" and numerics == "bf16_exact"
+    spec = {} if plain else dict(numerics=numerics, granularity=granularity, group_size=8)
     packed = packed_layer(0, 26, 144, stages, **spec)  # m = 72: 5 words, the last one padded
     arrays, meta = xla.prepare_layer(packed, chunk_positions=13 * 32)  # 2-word chunks
     assert meta.num_chunks == 3

@@ -11,14 +11,13 @@ interpret mode. Bounds as in test_kernels: float32 1e-5 of ``max|y|``, bf16 2^-8
 import jax
 import jax.extend
 import jax.numpy as jnp
-import numpy as np
 import pytest
+from jax.experimental import pallas as pl
 from kernel_helpers import activations, assert_matches_reference, packed_layer, rel_err
 
 from fairy2i_jax import kernels
 from fairy2i_jax.kernels.pallas_gpu import PallasGpu, split_k
 from fairy2i_jax.kernels.pallas_tpu import PallasTpu
-from jax.experimental import pallas as pl
 
 GPU = PallasGpu(interpret=True, row_multiple=16, gemv_block_n=16, gemm_block_n=16, gemv_max_batch=1,
                 unroll_slots=False)

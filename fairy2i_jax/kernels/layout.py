@@ -11,7 +11,10 @@ Canonical (``fairy2i_jax.packing``): per matrix and stage a uint32 array ``[n, c
   slab of activations (no strided loads, no register reshapes). Same bytes as the canonical layout.
 * :func:`stack_rows`: several layers sharing their input stacked along rows (fused projections), each padded
   to a multiple of ``row_multiple`` rows, with per-row halved scales (per-tensor scales broadcast to rows),
-  so one kernel launch serves them all and each keeps its own scales.
+  so one kernel launch serves them all and each keeps its own scales; :func:`split_rows` cuts the fused
+  output back into the layers' ``y``.
+* :func:`activation_halves`: ``x [B, 2m]`` as ``[2, B, Mp]`` (``a``, ``b``), zero-padded (the padded codes
+  are never trusted).
 """
 
 from __future__ import annotations

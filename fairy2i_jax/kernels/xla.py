@@ -9,12 +9,12 @@ Per layer, with ``x = [a; b]`` zero-padded to ``Mp = 16 Wp`` positions and the c
     y1 += a_c A11^T + b_c A12^T,   y2 += a_c A21^T + b_c A22^T              (a_c, b_c: the chunk of a, b)
 
 so ``y = x @ unpack_to_real(packed).T`` up to float32 summation order: the blocks equal the dequantized
-weights bit for bit (decode.py) and the products are the reference's own (bf16 x bf16, exact in float32, when
-activations and scales are bfloat16; else float32 x float32 at ``Precision.HIGHEST``). The bf16 roundings of the format are
-done on the bits (``rounding="bits"`` of decode.py), so XLA's excess-precision passes cannot drop them.
-Only one chunk of decoded blocks (``4 n C`` values, ``chunk_positions = n C`` bounded, 2^19 by default)
-exists at a time: XLA never holds the whole dense ``[2n, 2m]`` weight, and on GPU it may fuse the
-elementwise decode into the dot's operand.
+weights bit for bit (decode.py) and the products are the reference's own (bf16 x bf16, exact in float32,
+when activations and scales are bfloat16; else float32 x float32 at ``Precision.HIGHEST``). The bf16
+roundings of the format are done on the bits (``rounding="bits"`` of decode.py), so XLA's excess-precision
+passes cannot drop them. Only one chunk of decoded blocks (``4 n C`` values, ``chunk_positions = n C``
+bounded, 2^19 by default) exists at a time: XLA never holds the whole dense ``[2n, 2m]`` weight, and on GPU
+it may fuse the elementwise decode into the dot's operand.
 
 Scales: ``h = s / 2`` per (matrix, part, stage), broadcast as scalars (tensor), ``[n, 1]`` (row) or gathered
 per position ``h[..., (c C + l) // group_size]`` (group; positions past ``m`` clip to the last group, where
