@@ -288,15 +288,3 @@ def test_a_full_disk_during_training_is_one_line(tmp_path):
     assert proc.returncode == 2 and len(ours) == 1, proc.stderr[-3000:]
     assert "CheckpointWriteError" in ours[0] and "could not be written to" in ours[0]
     assert str(run / "checkpoints") in ours[0] and "File too large" in ours[0]
-
-
-def test_train_help_lists_every_key_and_print_config_prints_the_resolved_config(capsys):
-    with pytest.raises(SystemExit):
-        train_main(["--help"])
-    text = capsys.readouterr().out
-    assert "quant.preset = 'w2'  [w1 | w2 | w3 | w4 | binary | ternary | fp | none]" in text
-    assert "optimizer.lr = 0.0005" in text and "export.format = 'dequantized'" in text
-    assert train_main(["--config", DEBUG, "--print-config", "train.steps=7"]) == 0
-    printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["train"]["steps"] == 7 and printed["model"]["path"] == "random:tiny"
-    assert printed["data"]["train"] == ["pkg:fairy2i_jax/corpora/austen/train/prideprejudice.txt.gz"]

@@ -2,11 +2,7 @@
 `fairy2i` model that lm-eval's own CLI runs.
 
 `LogitsLM(logits_fn, tokenizer, ...)` answers lm-eval's requests through any logits function (a jitted JAX model,
-a torch oracle). `Fairy2iLM` (`class ModelArgsError(Fairy2iError, ValueError):
-    """A ``--model_args`` entry of ``--model fairy2i`` that does not exist or does not fit."""
-
-
-@register_model("fairy2i")`) builds one from model arguments: `pretrained=SOURCE`
+a torch oracle). `Fairy2iLM` (`@register_model("fairy2i")`) builds one from model arguments: `pretrained=SOURCE`
 (any model source of `fairy2i_jax.sources`), `quant=` (`trained` = the model as loaded, `fp`, or a PTQ preset
 such as `w2`), `numerics=`, `head_fp=`, `compute_dtype=`, `max_length=`, `encoding=`. lm-eval 0.4 has no plugin
 entry point for models, so the registration happens on import: `fairy2i-lm-eval` (=
@@ -259,6 +255,10 @@ def _cut_at_stop(text: str, until: Sequence[str]) -> str:
             if idx >= 0:
                 cut = min(cut, idx)
     return text[:cut]
+
+
+class ModelArgsError(Fairy2iError, ValueError):
+    """A ``--model_args`` entry of ``--model fairy2i`` that does not exist or does not fit."""
 
 
 class ModelArgsError(Fairy2iError, ValueError):
