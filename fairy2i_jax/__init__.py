@@ -14,7 +14,8 @@ Layering. Each module imports only from its own layer or the layers above it in 
 8. ``data``: corpora and the grain pipeline
 9. ``generate``, ``evaluation``: decoding, perplexity, lm-eval
 10. ``training``: config, optimizer, train state and step, loop, metrics
-11. the command lines: ``train``, ``export``, ``evaluation.cli``, ``evaluation.lm_eval_cli``, ``training.plot``
+11. the command lines: ``train``, ``export``, ``generate.__main__``, ``evaluation.cli``, ``evaluation.lm_eval_cli``,
+    ``training.plot``
     (and the top-level ``train.py`` / ``eval.py``; this package's ``__init__`` re-exports the public API)
 """
 

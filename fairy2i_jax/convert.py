@@ -39,8 +39,9 @@ from flax import nnx
 
 from fairy2i_jax.config import check_choices
 from fairy2i_jax.errors import Fairy2iError
-from fairy2i_jax.models.linear import MASTER_DTYPE, REAL, Linear, LinearSpec, LinearWeight
+from fairy2i_jax.models.linear import LINEAR_STORAGE, MASTER_DTYPE, REAL, Linear, LinearSpec
 from fairy2i_jax.models.llama import LM_HEAD, CausalLM, abstract_model
+from fairy2i_jax.packing import PACKED_SUFFIXES, to_arrays
 from fairy2i_jax.quant import Numerics, QuantSpec
 from fairy2i_jax.sharding import variable_sharding
 from fairy2i_jax.widely_linear import from_widely_linear, to_widely_linear
@@ -176,10 +177,10 @@ def resolve_plan(
 
 def model_variables(model: nnx.Module, *, linear_weights: bool = True) -> dict[Path, nnx.Variable]:
     """Every ``nnx.Variable`` of ``model`` by graph path, in graph order; ``linear_weights=False`` leaves out the
-    linears' stored weights (:class:`LinearWeight`: kernels and complex masters), keeping embeddings, norms and
-    biases. The one walk over a model's variables (loader, converter, exporter)."""
+    linears' stored weights (:data:`LINEAR_STORAGE`: kernels, complex masters, packed codes), keeping embeddings,
+    norms and biases. The one walk over a model's variables (loader, converter, exporter)."""
     return {path: node for path, node in nnx.iter_graph(model)
-            if isinstance(node, nnx.Variable) and (linear_weights or not isinstance(node, LinearWeight))}
+            if isinstance(node, nnx.Variable) and (linear_weights or not isinstance(node, LINEAR_STORAGE))}
 
 
 def _target_sharding(old_value: jax.Array, new_var: nnx.Variable):
@@ -257,6 +258,44 @@ def to_real(model: CausalLM) -> CausalLM:
     return rebuild(model, {})
 
 
+def to_packed(model: CausalLM) -> CausalLM:
+    """A new model whose phase-quantized linears (``qat`` ``complex_phase``) are ``packed``: their codes and scales
+    (:meth:`Linear.packed`, the same numbers as the fake-quantized forward) stored, the masters dropped; every
+    other linear, embeddings, norms and biases as they are. A quantized tied head is untied (it keeps its own
+    codes; the embedding lookup keeps the full-precision table). The result is for inference: it has no masters
+    to train."""
+    plan = {name: LinearSpec("packed", spec.quant) if spec.phase_codes else spec
+            for name, spec in model.linear_plan().items()}
+    cfg = model.config
+    untie = cfg.tie_word_embeddings and model.lm_head.spec.phase_codes
+    new = abstract_model(cfg.replace(tie_word_embeddings=False) if untie else cfg, plan)
+    table = model.embed_tokens.embedding.get_value()
+    old_linears = model.named_linears()
+    for name, new_lin in new.named_linears().items():
+        old = old_linears[name]
+        if new_lin.tied:
+            continue
+        if new_lin.spec.kind == "packed":
+            layers = range(cfg.num_layers) if new_lin.stack else [None]
+            arrays = [to_arrays(old.packed(table if old.tied else None, layer)) for layer in layers]
+            for suffix in PACKED_SUFFIXES:
+                value = jnp.stack([a[suffix] for a in arrays]) if new_lin.stack else arrays[0][suffix]
+                getattr(new_lin, suffix).set_value(value)
+        elif new_lin.spec.complex_masters:
+            U, W = _complex_masters(old, new_lin)
+            new_lin.U.set_value(U)
+            new_lin.W.set_value(W)
+        else:
+            new_lin.kernel.set_value(_real_kernel(old, new_lin, np.dtype(cfg.param_dtype)))
+    _copy_other_variables(model, new)
+    return new
+
+
+def has_packed(model: CausalLM) -> bool:
+    """True when some linear of ``model`` is ``packed`` (a model for inference, without masters)."""
+    return any(spec.kind == "packed" for spec in model.linear_plan().values())
+
+
 def is_real(model: CausalLM) -> bool:
     """True when every linear of ``model`` is ``real``."""
     return all(spec == REAL for spec in model.linear_plan().values())
@@ -288,7 +327,10 @@ def evaluation_model(model: CausalLM, setting: str, *, numerics: str = "bf16_exa
     the masters recomposed unquantized, a quantized preset (``w2``, ``binary``, ...) = its PTQ model with
     ``numerics``, the head quantized unless ``lm_head=False``."""
     if setting == "trained":
-        return model if is_real(model) else freeze_weights(model)
+        return model if is_real(model) or has_packed(model) else freeze_weights(model)
+    if has_packed(model):
+        raise PresetError(f"a packed model has only its 2-bit codes, no full-precision weights: evaluate it as "
+                          f"'trained', not {setting!r}")
     if setting == "fp":
         return model if is_real(model) else to_real(model)
     if setting not in quantized_presets():

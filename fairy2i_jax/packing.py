@@ -212,6 +212,52 @@ def unpack_to_real(packed: PackedWidelyLinear, dtype: Any = None) -> Array:
     return A if dtype is None else A.astype(dtype)
 
 
+def scale_group_shape(spec: quant.QuantSpec, n: int, m: int) -> tuple[int, ...]:
+    """``G``, the scale shape per stage and plane: ``()`` tensor, ``(n,)`` row, ``(n, m // group_size)`` group."""
+    if spec.granularity == "tensor":
+        return ()
+    if spec.granularity == "row":
+        return (n,)
+    return (n, m // spec.group_size)
+
+
+def packed_shapes(out_features: int, in_features: int,
+                  spec: quant.QuantSpec) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """``{suffix: (shape, dtype)}`` of the four arrays of one ``[out, in]`` layer (:func:`to_arrays`): codes
+    ``[T, n, ceil(m/16)]`` uint32, scales ``[T, 2, *G]`` in the quantizer's working dtype."""
+    n, m, t = out_features // 2, in_features // 2, spec.stages
+    codes = ((t, n, num_words(m)), np.dtype(np.uint32))
+    scales = ((t, 2, *scale_group_shape(spec, n, m)), np.dtype(spec.work_dtype))
+    return {"u_codes": codes, "w_codes": codes, "u_scales": scales, "w_scales": scales}
+
+
+PACKED_SUFFIXES = ("u_codes", "w_codes", "u_scales", "w_scales")  # the arrays of one layer (and its HF tensors)
+
+
+def to_arrays(packed: PackedWidelyLinear) -> dict[str, Array]:
+    """The four arrays of :data:`PACKED_SUFFIXES`: codes ``[..., T, n, ceil(m/16)]`` as they are, scales stacked
+    ``(s_re, s_im)`` on the axis after the stage axis: ``[..., T, 2, *G]`` (the layout of :func:`packed_shapes`;
+    numpy in -> numpy out, JAX in -> JAX out)."""
+    xp = _xp(packed.u_words)
+    stage_axis = packed.u_words.ndim - 3
+    return {"u_codes": packed.u_words, "w_codes": packed.w_words,
+            "u_scales": xp.stack(packed.u_scales, axis=stage_axis + 1),
+            "w_scales": xp.stack(packed.w_scales, axis=stage_axis + 1)}
+
+
+def from_arrays(arrays: dict[str, Array], n: int, m: int, spec: quant.QuantSpec) -> PackedWidelyLinear:
+    """The inverse of :func:`to_arrays` for a layer of complex shape ``[n, m]`` quantized with ``spec`` (leading
+    stack dims of the arrays are kept: a stack of layers)."""
+    axis = arrays["u_codes"].ndim - 2  # the (re, im) axis sits right after the stage axis
+
+    def split(s):
+        return s.take(0, axis=axis), s.take(1, axis=axis)
+
+    return PackedWidelyLinear(u_words=arrays["u_codes"], w_words=arrays["w_codes"], u_scales=split(arrays["u_scales"]),
+                              w_scales=split(arrays["w_scales"]), n=n, m=m, stages=spec.stages,
+                              granularity=spec.granularity, group_size=spec.group_size)
+
+
 def packed_bits_per_weight(
     out_dim: int, in_dim: int, stages: int, scale_bytes: int = 2, scale_groups: int = 1
 ) -> float:

@@ -252,16 +252,17 @@ def model_config(source: ModelSource | str, *, param_dtype: Any = "float32", com
     if source.kind == "run":
         spec = run_spec(source.path)
         return model_config(resolve(spec.model.path), **spec.model.layout())
-    hf, _ = open_checkpoint(checkpoint_path(source))
+    hf, _, _ = open_checkpoint(checkpoint_path(source))
     return config_from_hf(hf, **layout)
 
 
 def load_model(source: ModelSource | str, *, param_dtype: Any = "float32", compute_dtype: Any = "bfloat16",
                scan_layers: bool = False, remat: str = "none", mesh: Mesh | None = None, seed: int = 0,
-               progress: bool = False) -> CausalLM:
+               progress: bool = False, packed: str = "kernels") -> CausalLM:
     """The model of ``source``, params placed on ``mesh`` (default one device): a pretrained real model (HF dir,
-    ``.gguf``, hub id; a packed directory decoded to real weights), a random one (``seed``), or a run's trained
-    model in the run's own layout and dtypes (the arguments here do not apply to runs)."""
+    ``.gguf``, hub id), a packed directory's model (its linears on the packed kernels, or with ``packed="decode"``
+    decoded to real weights), a random one (``seed``), or a run's trained model in the run's own layout and
+    dtypes (the arguments here do not apply to runs)."""
     from fairy2i_jax.hf.load import load_pretrained
 
     source = _as_source(source)
@@ -272,7 +273,7 @@ def load_model(source: ModelSource | str, *, param_dtype: Any = "float32", compu
         model = init_model(model_config(source, **layout), seed=seed)
         return model if mesh is None else shard_like_params(model, mesh)
     return load_pretrained(checkpoint_path(source), dtype=_dtype(param_dtype), compute_dtype=_dtype(compute_dtype),
-                           mesh=mesh, scan_layers=scan_layers, remat=remat, progress=progress)
+                           mesh=mesh, scan_layers=scan_layers, remat=remat, progress=progress, packed=packed)
 
 
 def tokenizer_files(source: ModelSource | str) -> Path | None:

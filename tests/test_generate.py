@@ -8,7 +8,7 @@ import torch
 import model_helpers as mh
 from eval_helpers import tiny_llama, tiny_tokenizer
 from fairy2i_jax import convert, load_pretrained, load_tokenizer
-from fairy2i_jax.generate import generate, greedy_ids
+from fairy2i_jax.generate.engine import generate, greedy_ids
 
 PROMPTS = [[1, 50, 60, 70], [1, 9, 8, 7, 6, 5, 4, 3, 200, 100, 90], [1, 33]]
 

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-LEAF_TO_HF = {"kernel": "weight", "embedding": "weight", "weight": "weight", "bias": "bias"}
+from fairy2i_jax.packing import PACKED_SUFFIXES
+
+LEAF_TO_HF = {"kernel": "weight", "embedding": "weight", "weight": "weight", "bias": "bias",
+              **{suffix: suffix for suffix in PACKED_SUFFIXES}}  # a packed layer's codes and scales keep their names
 # buffers some checkpoints carry that are recomputed, never loaded
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 

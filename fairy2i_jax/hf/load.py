@@ -31,12 +31,14 @@ from fairy2i_jax.hf.keymap import hf_names, is_ignored
 from fairy2i_jax.hf.packed import PackedSource, read_quantization_config
 from fairy2i_jax.hf.safetensors_io import CheckpointError, SafetensorsCheckpoint
 from fairy2i_jax.models.config import ModelConfig
+from fairy2i_jax.models.linear import LinearSpec
 from fairy2i_jax.models.llama import CausalLM, abstract_model
 from fairy2i_jax.sharding import variable_sharding
 
 logger = logging.getLogger(__name__)
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
+PACKED_LOADING = ("kernels", "decode")  # how load_pretrained reads a packed export
 
 
 class TensorSource(Protocol):
@@ -110,21 +112,29 @@ def read_hf_config(directory: Path) -> dict:
         raise CheckpointError(f"{config_path}: not valid JSON: {e}") from e
 
 
-def open_checkpoint(path: Path) -> tuple[dict, TensorSource]:
-    """``(HF config dict, tensor source)`` of a HF directory or a ``.gguf`` file."""
+def open_checkpoint(path: Path, packed: str = "decode") -> tuple[dict, TensorSource, dict[str, LinearSpec]]:
+    """``(HF config dict, tensor source, linear plan)`` of a HF directory or a ``.gguf`` file. A packed export
+    (:mod:`fairy2i_jax.hf.packed`) gives, with ``packed="kernels"``, its codes as they are and the plan that
+    makes its quantized modules ``packed`` linears; with ``packed="decode"`` its ``weight`` tensors decoded to
+    ``A_q`` (an ordinary real model). Every other checkpoint: its tensors and an empty (all real) plan."""
+    if packed not in PACKED_LOADING:
+        raise ValueError(f"packed must be one of {PACKED_LOADING}, got {packed!r}")
     if path.is_file():
         if path.suffix != ".gguf":
             raise CheckpointError(f"{path}: a checkpoint file must be .gguf; otherwise pass the HF directory")
         from fairy2i_jax.hf.gguf import load_gguf
 
         checkpoint = load_gguf(path)
-        return dict(checkpoint.config), MappingSource(checkpoint.tensors, checkpoint.tensors.shape)
+        return dict(checkpoint.config), MappingSource(checkpoint.tensors, checkpoint.tensors.shape), {}
     hf = read_hf_config(path)
     checkpoint = SafetensorsCheckpoint(path)
     packed_modules = read_quantization_config(hf, str(path))
     if packed_modules is None:
-        return hf, checkpoint
-    return hf, PackedSource(checkpoint, packed_modules, str(path))
+        return hf, checkpoint, {}
+    decoded = PackedSource(checkpoint, packed_modules, str(path))  # checks every packed tensor's shape and dtype
+    if packed == "decode":
+        return hf, decoded, {}
+    return hf, checkpoint, {name: LinearSpec("packed", spec) for name, (_, _, spec) in packed_modules.items()}
 
 
 def check_tensors(model: CausalLM, source: TensorSource, where: str) -> dict[tuple, list[str]]:
@@ -167,9 +177,12 @@ def _reader(source: TensorSource, names: list[str], stacked: bool, dtype: np.dty
 
     def one(name: str, idx: tuple[slice, ...]) -> np.ndarray:
         array = source.read(name, idx)
-        if not jnp.issubdtype(array.dtype, jnp.floating):  # (numpy's issubdtype does not know bfloat16)
+        # (numpy's issubdtype does not know bfloat16; jax's does)
+        if jnp.issubdtype(dtype, jnp.floating) and not jnp.issubdtype(array.dtype, jnp.floating):
             raise CheckpointError(f"tensor {name!r} is stored as {array.dtype}, not a floating-point type: a weight "
                                   "is never cast from integers (a quantized or corrupt checkpoint?)")
+        if jnp.issubdtype(dtype, jnp.unsignedinteger) and array.dtype != dtype:
+            raise CheckpointError(f"tensor {name!r} is stored as {array.dtype}, expected {np.dtype(dtype)} codes")
         return array.astype(dtype)
 
     def read(index: tuple[slice, ...]) -> np.ndarray:
@@ -208,19 +221,23 @@ def load_pretrained(
     scan_layers: bool = False,
     remat: str = "none",
     progress: bool = False,
+    packed: str = "kernels",
 ) -> CausalLM:
-    """Load a HF Llama-family checkpoint as a real :class:`CausalLM`.
+    """Load a HF Llama-family checkpoint as a :class:`CausalLM` (real, or with ``packed`` linears for a packed
+    export).
 
     ``path_or_hub_id``: a local HF directory (``config.json`` + safetensors), a ``.gguf`` file, or a hub id
     (downloaded with ``huggingface_hub.snapshot_download`` only when no such local path exists and offline mode
     is off). ``dtype``: param dtype; ``compute_dtype``: activation dtype (``None`` = bfloat16, the
     ``ModelConfig`` default); ``mesh``: params are created directly in their sharding on it (default: one
-    device); ``scan_layers`` / ``remat``: layer layout and rematerialisation policy; ``progress``: a progress bar.
+    device); ``scan_layers`` / ``remat``: layer layout and rematerialisation policy; ``progress``: a progress bar;
+    ``packed``: for a packed export, ``"kernels"`` (default: its quantized linears keep their 2-bit codes and
+    multiply through :mod:`fairy2i_jax.kernels`) or ``"decode"`` (codes decoded to real ``A_q`` weights).
     Raises :class:`CheckpointError` for missing / corrupt / pickled / mismatching checkpoints and ``ValueError``
     for an unsupported architecture.
     """
     path = resolve_checkpoint(path_or_hub_id)
-    hf, source = open_checkpoint(path)
+    hf, source, plan = open_checkpoint(path, packed)
     kwargs = dict(param_dtype=dtype, scan_layers=scan_layers, remat=remat)
     if compute_dtype is not None:
         kwargs["compute_dtype"] = compute_dtype
@@ -228,5 +245,5 @@ def load_pretrained(
         cfg: ModelConfig = config_from_hf(hf, **kwargs)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from e
-    model = abstract_model(cfg)
+    model = abstract_model(cfg, plan)
     return fill_from_source(model, source, mesh, where=str(path), progress=progress)

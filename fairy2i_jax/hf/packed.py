@@ -42,38 +42,26 @@ from typing import Any, Mapping
 import numpy as np
 
 from fairy2i_jax.hf.safetensors_io import CheckpointError
-from fairy2i_jax.packing import PackedWidelyLinear, num_words, unpack_to_real
+from fairy2i_jax.packing import (
+    PACKED_SUFFIXES,
+    PackedWidelyLinear,
+    from_arrays,
+    packed_shapes,
+    scale_group_shape,
+    to_arrays,
+    unpack_to_real,
+)
 from fairy2i_jax.quant import QuantSpec
 
 QUANT_METHOD = "fairy2i"
 LAYOUT_VERSION = 1
-PACKED_SUFFIXES = ("u_codes", "w_codes", "u_scales", "w_scales")
 _SPEC_KEYS = ("method", "stages", "numerics", "granularity", "group_size")
 
 
-def scale_group_shape(spec: QuantSpec, n: int, m: int) -> tuple[int, ...]:
-    """``G``, the scale shape per stage and plane: ``()`` tensor, ``(n,)`` row, ``(n, m // group_size)`` group."""
-    if spec.granularity == "tensor":
-        return ()
-    if spec.granularity == "row":
-        return (n,)
-    return (n, m // spec.group_size)
-
-
-def packed_shapes(out_features: int, in_features: int, spec: QuantSpec) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """``{suffix: (shape, dtype)}`` of the four packed tensors of one ``[out, in]`` layer (module docstring)."""
-    n, m, t = out_features // 2, in_features // 2, spec.stages
-    codes = ((t, n, num_words(m)), np.dtype(np.uint32))
-    scales = ((t, 2, *scale_group_shape(spec, n, m)), np.dtype(spec.work_dtype))
-    return {"u_codes": codes, "w_codes": codes, "u_scales": scales, "w_scales": scales}
-
-
 def packed_arrays(packed: PackedWidelyLinear) -> dict[str, np.ndarray]:
-    """``{suffix: numpy array}`` of one layer's :class:`PackedWidelyLinear` (scales stacked ``(re, im)`` on axis 1)."""
-    host = {"u_codes": packed.u_words, "w_codes": packed.w_words,
-            "u_scales": np.stack([np.asarray(s) for s in packed.u_scales], axis=1),
-            "w_scales": np.stack([np.asarray(s) for s in packed.w_scales], axis=1)}
-    return {k: np.asarray(v) for k, v in host.items()}
+    """``{suffix: numpy array}`` of one layer's :class:`PackedWidelyLinear` (:func:`fairy2i_jax.packing.to_arrays`
+    fetched to the host)."""
+    return {k: np.asarray(v) for k, v in to_arrays(packed).items()}
 
 
 def module_entry(out_features: int, in_features: int, spec: QuantSpec) -> dict[str, Any]:
@@ -158,13 +146,8 @@ class PackedSource:
     def decoded(self, base: str) -> np.ndarray:
         """``A_q [out, in]`` of packed module ``base`` in the scales' dtype."""
         out_f, in_f, spec = self._modules[base]
-        n, m = out_f // 2, in_f // 2
-        u_scales, w_scales = (self._checkpoint.read(f"{base}.{s}") for s in ("u_scales", "w_scales"))
-        packed = PackedWidelyLinear(
-            u_words=self._checkpoint.read(f"{base}.u_codes"), w_words=self._checkpoint.read(f"{base}.w_codes"),
-            u_scales=(u_scales[:, 0], u_scales[:, 1]), w_scales=(w_scales[:, 0], w_scales[:, 1]),
-            n=n, m=m, stages=spec.stages, granularity=spec.granularity, group_size=spec.group_size)
-        return np.asarray(unpack_to_real(packed))
+        arrays = {suffix: self._checkpoint.read(f"{base}.{suffix}") for suffix in PACKED_SUFFIXES}
+        return np.asarray(unpack_to_real(from_arrays(arrays, out_f // 2, in_f // 2, spec)))
 
     def read(self, name: str, index: tuple[slice, ...] = ()) -> np.ndarray:
         base = name.removesuffix(".weight")

@@ -161,5 +161,5 @@ def load_tokenizer(path: str | os.PathLike):
     if has & set(HF_TOKENIZER_FILES):
         import transformers
 
-        return transformers.AutoTokenizer.from_pretrained(path)
+        return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # never run code (or ask)
     raise _not_found(path, "the directory has none of the tokenizer files")

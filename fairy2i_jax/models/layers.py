@@ -11,12 +11,13 @@ masked, softmax in float32, probabilities cast to the compute dtype before ``p v
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fairy2i_jax.kernels import packed_matmul_fused
 from fairy2i_jax.models.config import REMAT_POLICIES, ModelConfig
 from fairy2i_jax.models.linear import REAL, Linear, LinearSpec
 from fairy2i_jax.models.rope import apply_rope
@@ -24,6 +25,17 @@ from fairy2i_jax.models.rope import apply_rope
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 LAYER_LINEARS = tuple(f"self_attn.{n}" for n in ATTENTION_LINEARS) + tuple(f"mlp.{n}" for n in MLP_LINEARS)
+# Linears that share their input and can run as one fused packed matmul (prepared by CausalLM.inference_weights).
+FUSED_LINEARS = {"self_attn.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                 "mlp.gate_up": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def _fused(weights: Mapping, name: str, x: jax.Array, linears: Sequence[Linear]) -> list[jax.Array] | None:
+    """The outputs of ``linears`` (biases added) from the fused prepared operand ``weights[name]``, or None."""
+    if name not in weights:
+        return None
+    outs = packed_matmul_fused(x.astype(linears[0].compute_dtype), weights[name])
+    return [lin.add_bias(y.astype(lin.compute_dtype)) for lin, y in zip(linears, outs)]
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)  # like transformers: a fully masked row stays finite (uniform)
 
 
@@ -103,9 +115,12 @@ class Attention(nnx.Module):
         """
         w = weights or {}
         batch, t_len, _ = x.shape
-        q = self.q_proj(x, w.get("self_attn.q_proj")).reshape(batch, t_len, self.num_heads, self.head_dim)
-        k = self.k_proj(x, w.get("self_attn.k_proj")).reshape(batch, t_len, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x, w.get("self_attn.v_proj")).reshape(batch, t_len, self.num_kv_heads, self.head_dim)
+        q, k, v = _fused(w, "self_attn.qkv", x, (self.q_proj, self.k_proj, self.v_proj)) or (
+            self.q_proj(x, w.get("self_attn.q_proj")), self.k_proj(x, w.get("self_attn.k_proj")),
+            self.v_proj(x, w.get("self_attn.v_proj")))
+        q = q.reshape(batch, t_len, self.num_heads, self.head_dim)
+        k = k.reshape(batch, t_len, self.num_kv_heads, self.head_dim)
+        v = v.reshape(batch, t_len, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -130,8 +145,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x, weights=None):
         w = weights or {}
-        gate = self.gate_proj(x, w.get("mlp.gate_proj"))
-        up = self.up_proj(x, w.get("mlp.up_proj"))
+        gate, up = _fused(w, "mlp.gate_up", x, (self.gate_proj, self.up_proj)) or (
+            self.gate_proj(x, w.get("mlp.gate_proj")), self.up_proj(x, w.get("mlp.up_proj")))
         return self.down_proj(jax.nn.silu(gate) * up, w.get("mlp.down_proj"))
 
 

@@ -17,15 +17,22 @@ the frozen, hashable description a model plan holds. Kinds:
   1375 of 8192 entries of ``A_q`` (identical for bf16-representable masters). With ``numerics="fp32"`` the masters
   are quantized directly (``quantize_widely_linear(U, W)``, no rounding at all). ``binary`` / ``ternary`` keep a
   real ``kernel`` and multiply by ``quantize_real_weight(kernel)`` (STE).
-* ``packed`` (:class:`PackedKind`): the slot of the 2-bit layer that multiplies through the packed kernels
-  (issue [F]); constructing its spec raises ``NotImplementedError`` until then.
+* ``packed`` (:class:`PackedKind`, a ``complex_phase`` ``QuantSpec``): the 2-bit layer for inference. It holds
+  the canonical codes and scales (:data:`~fairy2i_jax.packing.PACKED_SUFFIXES`: ``u_codes``, ``w_codes``
+  ``[T, n, ceil(m/16)]`` uint32, ``u_scales``, ``w_scales`` ``[T, 2, *G]``) as :class:`PackedCodes` variables,
+  which are not ``nnx.Param`` (no optimizer or QAT step ever sees them), and multiplies through
+  :func:`fairy2i_jax.kernels.packed_matmul`: the codes select and negate the activations, no dense weight is
+  formed. Its "weight" (:meth:`Linear.effective_weight`) is the layer's
+  :class:`~fairy2i_jax.packing.PackedWidelyLinear`; :func:`prepare_weight` turns it into the kernels' prepared
+  operand once (what generation and evaluation pass as ``weights=``).
 
 Adding a kind = one subclass of :class:`LinearKind` with ``@register_kind``; nothing else branches on kind names
 (ask a spec: :attr:`LinearSpec.complex_masters`, :attr:`~LinearSpec.quantized`, :attr:`~LinearSpec.phase_codes`).
 
 Variable types. A layer's stored weight is a :class:`LinearWeight` (an ``nnx.Param``), complex masters are
-:class:`ComplexMaster` (a ``LinearWeight``): the optimizer, the converter and the exporter filter by these types,
-never by attribute names. The two masters of a layer are the attributes named in :data:`MASTER_NAMES`.
+:class:`ComplexMaster` (a ``LinearWeight``), packed codes :class:`PackedCodes` (not a param): the optimizer, the
+converter and the exporter filter by these types (:data:`LINEAR_STORAGE`), never by attribute names. The two
+masters of a layer are the attributes named in :data:`MASTER_NAMES`.
 
 Bias (``[out]``, real, never quantized) is added after the matmul. :meth:`Linear.effective_weight` returns the
 real matrix the forward multiplies by (fake-quantized for ``qat``) and ``__call__(x, weight=w)`` accepts it
@@ -57,7 +64,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fairy2i_jax.packing import PackedWidelyLinear, pack_real_weight, pack_widely_linear
+from fairy2i_jax import kernels
+from fairy2i_jax.packing import (
+    PACKED_SUFFIXES,
+    PackedWidelyLinear,
+    from_arrays,
+    pack_real_weight,
+    pack_widely_linear,
+    packed_shapes,
+    unpack_to_real,
+)
 from fairy2i_jax.quant import QuantSpec, quantize_real_weight, quantize_widely_linear
 from fairy2i_jax.widely_linear import from_widely_linear, to_widely_linear
 
@@ -72,6 +88,13 @@ class LinearWeight(nnx.Param):
 
 class ComplexMaster(LinearWeight):
     """A complex64 master ``U`` or ``W`` of a widely-linear layer (module docstring)."""
+
+
+class PackedCodes(nnx.Variable):
+    """One of the four arrays of a packed layer (codes or scales): stored, never trained."""
+
+
+LINEAR_STORAGE = (LinearWeight, PackedCodes)  # what a linear layer stores (everything else is shared model state)
 
 
 # ----------------------------------------------------------------------------------------------- kinds
@@ -124,6 +147,30 @@ class LinearKind:
         """The real matrix ``[..., out, in]`` the forward multiplies by, before the cast to the compute dtype;
         ``master`` is the embedding table of a tied head."""
         return master if lin.tied else lin.real_master(layer)
+
+    @classmethod
+    def create_storage(cls, lin: "Linear", kernel: jax.Array, names: tuple) -> None:
+        """Create the layer's stored weight from a random ``kernel`` (complex masters or the real kernel)."""
+        if lin.spec.complex_masters:
+            for name, value in zip(MASTER_NAMES, to_widely_linear(kernel, dtype=MASTER_DTYPE)):
+                setattr(lin, name, ComplexMaster(value, out_sharding=names, eager_sharding=False))
+        else:
+            lin.kernel = LinearWeight(kernel.astype(lin.param_dtype), out_sharding=names, eager_sharding=False)
+
+    @classmethod
+    def effective_weight(cls, lin: "Linear", master: jax.Array | None) -> Any:
+        """What ``__call__`` multiplies by: :meth:`forward_weight` in the compute dtype."""
+        return lin.forward_weight(master).astype(lin.compute_dtype)
+
+    @classmethod
+    def matmul(cls, lin: "Linear", x: jax.Array, weight: Any) -> jax.Array:
+        """``x [..., in] @ weight.T`` in the compute dtype, float32 accumulation."""
+        if weight.shape[-2:] != (lin.out_features, lin.in_features):
+            raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit a linear [out={lin.out_features}, "
+                             f"in={lin.in_features}]")
+        return jax.lax.dot_general(
+            x.astype(lin.compute_dtype), weight.astype(lin.compute_dtype), (((x.ndim - 1,), (1,)), ((), ())),
+            preferred_element_type=jnp.float32).astype(lin.compute_dtype)
 
 
 LINEAR_KINDS: dict[str, type[LinearKind]] = {}
@@ -190,23 +237,43 @@ class QATKind(LinearKind):
         return fake_quantize_masters(U, W, q)
 
 
-PACKED_NOT_AVAILABLE = (
-    "the packed linear kind is not available yet: packed kernels arrive with issue [F]; use kind='qat' "
-    "(fake-quantized weights, same numbers) until then. Packed exports (python -m fairy2i_jax.export --format "
-    "packed) already load with load_pretrained, decoded to real weights"
-)
-
-
-def _packed_not_available(cls, quant) -> None:
-    raise NotImplementedError(PACKED_NOT_AVAILABLE)
-
-
 @register_kind
 class PackedKind(QATKind):
-    """2-bit codes + scales multiplied through the packed kernels: the slot of issue [F] (not available yet)."""
+    """Canonical 2-bit codes and scales as :class:`PackedCodes`, multiplied through the packed kernels."""
 
     name = "packed"
-    check_quant = classmethod(_packed_not_available)
+
+    @classmethod
+    def check_quant(cls, quant):
+        if not isinstance(quant, QuantSpec) or quant.method != "complex_phase":
+            raise ValueError(f"kind='packed' holds Fairy2i phase codes: it needs a complex_phase QuantSpec, got "
+                             f"{quant!r}")
+
+    @classmethod
+    def stores_masters(cls, quant):
+        return False
+
+    @classmethod
+    def create_storage(cls, lin, kernel, names):
+        if lin.tied:
+            raise ValueError("a packed output head holds its own codes: it cannot be tied to the embedding table")
+        lead = names[:len(lin.stack)]
+        for suffix, (shape, dtype) in packed_shapes(lin.out_features, lin.in_features, lin.spec.quant).items():
+            axes = (*lead, None, lin.axes[0], None) if suffix.endswith("codes") else (*lead,) + (None,) * len(shape)
+            setattr(lin, suffix, PackedCodes(jnp.zeros((*lin.stack, *shape), dtype), out_sharding=axes,
+                                             eager_sharding=False))
+
+    @classmethod
+    def forward_weight(cls, lin, master, layer):
+        return unpack_to_real(lin.packed(layer=layer))
+
+    @classmethod
+    def effective_weight(cls, lin, master):
+        return lin.packed()
+
+    @classmethod
+    def matmul(cls, lin, x, weight):
+        return kernels.packed_matmul(x.astype(lin.compute_dtype), weight).astype(lin.compute_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,11 +354,7 @@ class Linear(nnx.Module):
         else:
             shape = (*self.stack, out_features, in_features)
             kernel = init_std * jax.random.normal(rngs.params(), shape, jnp.float32)
-            if spec.complex_masters:
-                for name, value in zip(MASTER_NAMES, to_widely_linear(kernel, dtype=MASTER_DTYPE)):
-                    setattr(self, name, ComplexMaster(value, out_sharding=names, eager_sharding=False))
-            else:
-                self.kernel = LinearWeight(kernel.astype(self.param_dtype), out_sharding=names, eager_sharding=False)
+            spec.impl.create_storage(self, kernel, names)
         bias = jnp.zeros((*self.stack, out_features), self.param_dtype)
         self.bias = (nnx.Param(bias, out_sharding=(*lead, self.axes[0]), eager_sharding=False)
                      if use_bias else None)  # one assignment (nnx data/static)
@@ -338,6 +401,9 @@ class Linear(nnx.Module):
         if not self.spec.phase_codes:
             raise ValueError(f"only layers with phase codes (qat complex_phase) can be packed, this one is {self.spec}")
         spec = self.spec.quant
+        if self.spec.kind == PackedKind.name:  # the stored codes themselves
+            arrays = {k: self.stored_param(k, layer) for k in PACKED_SUFFIXES}
+            return from_arrays(arrays, self.out_features // 2, self.in_features // 2, spec)
         if self.tied:
             if master is None:
                 raise ValueError("a tied head needs master= (the embedding table) to form its codes")
@@ -347,9 +413,10 @@ class Linear(nnx.Module):
             return _pack_real(from_widely_linear(U, W), spec=spec)
         return _pack_masters(U, W, spec=spec)
 
-    def effective_weight(self, master: jax.Array | None = None) -> jax.Array:
-        """:meth:`forward_weight` in the compute dtype: what ``__call__`` multiplies by."""
-        return self.forward_weight(master).astype(self.compute_dtype)
+    def effective_weight(self, master: jax.Array | None = None) -> Any:
+        """What ``__call__`` multiplies by: :meth:`forward_weight` in the compute dtype (the layer's
+        ``PackedWidelyLinear`` for the packed kind)."""
+        return self.spec.impl.effective_weight(self, master)
 
     # -- forward ---------------------------------------------------------------------------------------------
 
@@ -361,17 +428,19 @@ class Linear(nnx.Module):
         """
         if weight is None:
             weight = self.effective_weight(master)
-        if weight.shape[-2:] != (self.out_features, self.in_features):
-            raise ValueError(
-                f"weight of shape {tuple(weight.shape)} does not fit a linear [out={self.out_features}, "
-                f"in={self.in_features}]"
-            )
-        y = jax.lax.dot_general(
-            x.astype(self.compute_dtype),
-            weight.astype(self.compute_dtype),
-            (((x.ndim - 1,), (1,)), ((), ())),
-            preferred_element_type=jnp.float32,
-        ).astype(self.compute_dtype)
-        if self.bias is not None:
-            y = y + self.bias.get_value().astype(self.compute_dtype)
-        return y
+        return self.add_bias(self.spec.impl.matmul(self, x, weight))
+
+    def add_bias(self, y: jax.Array) -> jax.Array:
+        """``y + b`` in the compute dtype (``y`` unchanged without a bias)."""
+        return y if self.bias is None else y + self.bias.get_value().astype(self.compute_dtype)
+
+
+def prepare_weight(weight: Any) -> Any:
+    """A weight of :meth:`Linear.effective_weight` ready for repeated forwards: a packed layer's
+    ``PackedWidelyLinear`` becomes the kernels' prepared operand (:func:`fairy2i_jax.kernels.prepare`, a stack of
+    layers prepared layer by layer), a dense matrix stays as it is."""
+    if not isinstance(weight, PackedWidelyLinear):
+        return weight
+    if weight.u_words.ndim == 3:
+        return kernels.prepare(weight)
+    return jax.vmap(kernels.prepare)(weight)

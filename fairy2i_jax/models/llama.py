@@ -28,8 +28,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fairy2i_jax.models.config import ModelConfig
-from fairy2i_jax.models.layers import LAYER_LINEARS, DecoderLayer, RMSNorm, layer_apply_fn
-from fairy2i_jax.models.linear import REAL, Linear, LinearSpec
+from fairy2i_jax.kernels import prepare
+from fairy2i_jax.models.layers import FUSED_LINEARS, LAYER_LINEARS, DecoderLayer, RMSNorm, layer_apply_fn
+from fairy2i_jax.models.linear import REAL, Linear, LinearSpec, prepare_weight
 from fairy2i_jax.models.rope import rope_cos_sin
 
 LM_HEAD = "lm_head"
@@ -125,6 +126,24 @@ class CausalLM(nnx.Module):
         return {
             name: lin.effective_weight(table if lin.tied else None) for name, lin in self.named_linears().items()
         }
+
+    def inference_weights(self) -> dict[str, Any]:
+        """:meth:`effective_weights` ready for many forwards (generation, evaluation): packed layers as the
+        kernels' prepared operands, and q/k/v and gate/up of packed layers with one spec as one fused operand each
+        (``<layer>.self_attn.qkv``, ``<layer>.mlp.gate_up``: one kernel launch on the Pallas backends)."""
+        weights = self.effective_weights()
+        linears = self.named_linears()
+        prefixes = {name.rsplit(".", 2)[0] for name in linears if name.startswith("model.layers.")}
+        for prefix in prefixes:
+            for fused, parts in FUSED_LINEARS.items():
+                names = [f"{prefix}.{p}" for p in parts]
+                specs = {linears[n].spec for n in names}
+                if len(specs) == 1 and specs.pop().kind == "packed":
+                    layers = [weights.pop(n) for n in names]
+                    stacked = layers[0].u_words.ndim > 3
+                    weights[f"{prefix}.{fused}"] = jax.vmap(lambda *ls: prepare(ls))(*layers) if stacked \
+                        else prepare(layers)
+        return {name: prepare_weight(w) for name, w in weights.items()}
 
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
         """An empty :class:`KVCache` for ``batch`` rows and ``max_len`` slots (dtype: the compute dtype)."""
@@ -226,8 +245,9 @@ class CausalLM(nnx.Module):
 
 def _layer_weights(weights: Mapping[str, jax.Array], layer: int | None) -> dict[str, jax.Array]:
     """The precomputed weights of one layer (``layer=None``: the stacked weights of scanned layers), keyed by the
-    layer-relative names of ``LAYER_LINEARS``."""
-    return {n: weights[layer_linear_name(layer, n)] for n in LAYER_LINEARS if layer_linear_name(layer, n) in weights}
+    layer-relative names of ``LAYER_LINEARS`` and ``FUSED_LINEARS``."""
+    names = (*LAYER_LINEARS, *FUSED_LINEARS)
+    return {n: weights[layer_linear_name(layer, n)] for n in names if layer_linear_name(layer, n) in weights}
 
 
 def _mask_positions(mask: jax.Array, clip: bool = True) -> jax.Array:
