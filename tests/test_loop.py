@@ -1,8 +1,10 @@
-"""train.py as a subprocess on the debug config: kill -9 and SIGTERM mid-run, then the same command resumes and
-the loss sequence equals the uninterrupted run bit for bit. Plus a corrupt checkpoint on resume.
+"""fairy2i_jax.training.loop (``run``, what train.py calls): train.py as a subprocess on the debug config, killed
+with -9 and SIGTERM mid-run, then the same command resumes and the loss sequence equals the uninterrupted
+reference run (conftest.py) bit for bit; a corrupt checkpoint on resume; the finished run's export; the refusals
+before a run starts and a diverging run; two processes as two hosts against one.
 
 The subprocesses share a JAX persistent compilation cache (same executables, so the same bits) to save time,
-and run on one CPU device; global batch 64 x 128 tokens makes a step slow enough (~0.2 s) to be interrupted.
+and run on one CPU device (train_helpers.REFERENCE_ARGS).
 """
 
 import hashlib
@@ -11,55 +13,32 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-STEPS = 16
-ARGS = [f"train.steps={STEPS}", "train.checkpoint_every=2", "train.keep_checkpoints=3", "data.global_batch=64",
-        "data.seq_len=128", "train.grad_accum=2", "train.eval_batches=0", "data.eval=[]"]
-
-
-def _env(cache: Path, devices: int = 1) -> dict:
-    env = dict(os.environ)
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2",
-               PYTHONPATH=str(ROOT))
-    return env
-
-
-def _cmd(run_dir: Path, extra=()) -> list[str]:
-    return [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "debug.yaml"),
-            f"train.run_dir={run_dir}", *ARGS, *extra]
+from fairy2i_jax.config import ConfigError
+from fairy2i_jax.training.config import load_train_config
+from fairy2i_jax.training.loop import TrainingDiverged, run
+from train_helpers import (
+    DEBUG_CONFIG,
+    REFERENCE_STEPS as STEPS,
+    ROOT,
+    finish_reference,
+    logged_losses,
+    reference_cmd,
+    train_cmd,
+    train_env,
+)
 
 
 def _start(run_dir: Path, cache: Path) -> subprocess.Popen:
-    return subprocess.Popen(_cmd(run_dir), cwd=ROOT, env=_env(cache), stdout=subprocess.PIPE,
+    return subprocess.Popen(reference_cmd(run_dir), cwd=ROOT, env=train_env(cache=cache), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-
-
-def _finish(run_dir: Path, cache: Path) -> str:
-    proc = subprocess.run(_cmd(run_dir), cwd=ROOT, env=_env(cache), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    """step -> loss from metrics.jsonl; a step logged twice (before and after a restart) must agree exactly."""
-    out: dict[int, float] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        entry = json.loads(line)
-        if "loss" not in entry or "event" in entry:
-            continue
-        step = entry["step"]
-        assert out.get(step, entry["loss"]) == entry["loss"], f"step {step} logged with two different losses"
-        out[step] = entry["loss"]
-    return out
 
 
 def _wait_for_lines(run_dir: Path, proc: subprocess.Popen, k: int, timeout: float = 240) -> None:
@@ -73,50 +52,36 @@ def _wait_for_lines(run_dir: Path, proc: subprocess.Popen, k: int, timeout: floa
     raise AssertionError(f"no {k} metrics lines after {timeout} s")
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("jax_cache")
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache):
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    _finish(run_dir, cache)
-    losses = _losses(run_dir)
-    assert sorted(losses) == list(range(1, STEPS + 1))
-    return run_dir, losses
-
-
-def test_kill_9_then_resume_is_bit_exact(tmp_path, cache, reference):
+def test_kill_9_then_resume_is_bit_exact(tmp_path, jax_compile_cache, reference):
     _, want = reference
     run_dir = tmp_path / "run"
     k = random.Random(os.getpid()).randint(3, STEPS - 4)
-    proc = _start(run_dir, cache)
+    proc = _start(run_dir, jax_compile_cache)
     _wait_for_lines(run_dir, proc, k)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
-    logged = len(_losses(run_dir))
+    logged = len(logged_losses(run_dir))
     assert k <= logged < STEPS, f"killed after {logged} steps"
-    _finish(run_dir, cache)
-    assert _losses(run_dir) == want
+    finish_reference(run_dir, jax_compile_cache)
+    assert logged_losses(run_dir) == want
 
 
-def test_sigterm_saves_exits_0_and_resumes_exactly(tmp_path, cache, reference):
+def test_sigterm_saves_exits_0_and_resumes_exactly(tmp_path, jax_compile_cache, reference):
     _, want = reference
     run_dir = tmp_path / "run"
-    proc = _start(run_dir, cache)
+    proc = _start(run_dir, jax_compile_cache)
     _wait_for_lines(run_dir, proc, 3)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert "stopped by signal" in out
-    stopped = max(_losses(run_dir))
+    stopped = max(logged_losses(run_dir))
     assert stopped < STEPS
     steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] == stopped, (steps, stopped)
-    _finish(run_dir, cache)
-    assert _losses(run_dir) == want
+    finish_reference(run_dir, jax_compile_cache)
+    assert logged_losses(run_dir) == want
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -124,7 +89,7 @@ def _tree_digest(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*"))}
 
 
-def test_corrupt_checkpoint_on_resume_is_a_clear_error_and_deletes_nothing(tmp_path, cache, reference):
+def test_corrupt_checkpoint_on_resume_is_a_clear_error_and_deletes_nothing(tmp_path, jax_compile_cache, reference):
     run_dir = tmp_path / "run"
     shutil.copytree(reference[0], run_dir)
     latest = run_dir / "checkpoints" / str(STEPS)
@@ -133,27 +98,12 @@ def test_corrupt_checkpoint_on_resume_is_a_clear_error_and_deletes_nothing(tmp_p
     for p in data_files:
         p.write_bytes(os.urandom(p.stat().st_size))
     before = _tree_digest(run_dir / "checkpoints")
-    proc = subprocess.run(_cmd(run_dir, ["train.steps=20"]), cwd=ROOT, env=_env(cache), capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(reference_cmd(run_dir, ["train.steps=20"]), cwd=ROOT,
+                          env=train_env(cache=jax_compile_cache), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert f"checkpoint step {STEPS} in {run_dir / 'checkpoints'} cannot be read" in proc.stderr
     assert "Nothing was deleted" in proc.stderr
     assert _tree_digest(run_dir / "checkpoints") == before
-
-
-def test_a_run_dir_source_gives_the_trained_model(reference, monkeypatch):
-    from fairy2i_jax import sources
-    from fairy2i_jax.runs import RunDirError
-
-    monkeypatch.chdir(ROOT)
-    run_dir = reference[0]
-    loaded = sources.load(str(run_dir))
-    earlier = sources.load(str(run_dir), step=STEPS - 2).model
-    assert loaded.source.kind == "run" and loaded.tokenizer.eos_token_id == 256
-    u_last, u_earlier = loaded.model.lm_head.U.get_value(), earlier.lm_head.U.get_value()
-    assert u_last.dtype == np.complex64 and not np.array_equal(np.asarray(u_last), np.asarray(u_earlier))
-    with pytest.raises(RunDirError, match=rf"no checkpoint 7 in .* \(available: \[{STEPS - 4}, {STEPS - 2}, {STEPS}\]\)"):
-        sources.load(str(run_dir), step=7)
 
 
 def test_finished_run_exports_an_hf_dir_with_the_trained_logits(reference, monkeypatch, tmp_path):
@@ -187,3 +137,84 @@ def test_finished_run_exports_an_hf_dir_with_the_trained_logits(reference, monke
                         "--dtype", "float32", "--no-progress"]) == 0
     packed = load_pretrained(tmp_path / "packed", compute_dtype=model.config.compute_dtype)
     assert np.abs(jax_logits(packed, ids, mask) - want).max() <= 1e-4
+
+
+# -- refusals before a run starts, and a diverging run (in process) ---------------------------------------------
+
+
+def _debug(tmp_path, *overrides):
+    """The debug config in ``tmp_path`` without the final export."""
+    return load_train_config(DEBUG_CONFIG, [f"train.run_dir={tmp_path / 'run'}", "export.format=none", *overrides])
+
+
+def test_empty_corpus_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n   \n")
+    with pytest.raises(ValueError, match=r"empty corpus: .*empty\.txt gave no tokens"):
+        run(_debug(tmp_path, f"data.train=[{empty}]"))
+
+
+def test_seq_len_above_the_model_positions_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ConfigError, match="data.seq_len = 2048 exceeds the model's max_position_embeddings = 1024"):
+        run(_debug(tmp_path, "data.seq_len=2048"))
+
+
+def test_diverging_run_stops_naming_the_step_and_param_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = _debug(tmp_path, "optimizer.name=sgd", "optimizer.lr=1e12", "optimizer.clip_norm=0",
+                 "optimizer.warmup_steps=0", "train.checkpoint_every=1", "train.steps=6", "train.grad_accum=1",
+                 "data.eval=[]", "mesh.data=1")
+    with pytest.raises(TrainingDiverged) as e:
+        run(cfg)
+    message = str(e.value)
+    assert message.startswith("step 2: non-finite loss")
+    assert "first non-finite gradient: embed_tokens.embedding" in message
+    assert f"the last good checkpoint is 1 in {tmp_path / 'run' / 'checkpoints'}" in message
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["1"]
+
+
+# -- two hosts ---------------------------------------------------------------------------------------------------
+
+# Two CPU processes on loopback as two hosts (4 fake devices each, jax.distributed over 127.0.0.1) train 3 steps
+# of the debug config and match one process with 8 devices. Each host reads only its own rows of every global
+# batch; the global array is assembled with ``jax.make_array_from_process_local_data``. The two runs put the same
+# rows in a different order on the 8 devices (host-major vs one host), so the gradient sums are reduced in a
+# different order: losses agree to float32 rounding (relative 1e-5), not bit for bit.
+MULTIHOST_ARGS = ["train.steps=3", "train.checkpoint_every=0", "train.eval_batches=1", "data.global_batch=16",
+                  "train.grad_accum=1", "mesh.data=-1", "mesh.fsdp=1", "export.format=none"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _loss_list(run_dir: Path) -> list[float]:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [x["loss"] for x in lines if "loss" in x and "event" not in x]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+    one = tmp_path / "one"
+    proc = subprocess.run(train_cmd(one, *MULTIHOST_ARGS), cwd=ROOT, env=train_env(8), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    two = tmp_path / "two"
+    port = _free_port()
+    hosts = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id"]
+    cmd = train_cmd(two, *MULTIHOST_ARGS)
+    procs = [subprocess.Popen(cmd[:2] + [*hosts, str(i)] + cmd[2:], cwd=ROOT, env=train_env(4),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out
+    assert (two / "checkpoints" / "3").is_dir()
+    want, got = _loss_list(one), _loss_list(two)
+    assert len(want) == len(got) == 3
+    for a, b in zip(want, got):
+        assert abs(a - b) <= 1e-5 * abs(a), (want, got)
