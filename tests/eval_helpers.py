@@ -1,12 +1,17 @@
-"""Tiny real models for the evaluation tests: a BPE tokenizer trained on Persuasion and a random torch Llama.
+"""Tiny real models for the evaluation tests: a BPE tokenizer trained on Persuasion and a random torch Llama;
+Austen text and gzipped JSON-lines files.
 
-Shared by `test_perplexity.py` and `test_lm_eval_adapter.py`; everything is built offline in about a second.
+Shared by the evaluation tests (`test_perplexity.py`, `test_logits.py`, `test_lm_eval_adapter.py`, the eval CLI);
+everything is built offline in about a second. The fixtures `tok` and `model` (the tokenizer and a Llama over its
+vocabulary, once per test module) are imported by the test modules that use them.
 """
 
 import gzip
+import json
 import os
 
 import numpy as np
+import pytest
 
 AUSTEN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "austen", "test", "persuasion.txt.gz")
 _REPO_DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -54,6 +59,18 @@ def tiny_llama(vocab_size: int, seed: int = 0, max_positions: int = 512):
     return LlamaForCausalLM(config).eval()
 
 
+@pytest.fixture(scope="module")
+def tok():
+    """`tiny_tokenizer()`, once per test module that imports this fixture."""
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    """`tiny_llama` (seed 0) over the vocabulary of `tok`, once per test module that imports this fixture."""
+    return tiny_llama(len(tok))
+
+
 def torch_logprobs(model, ids) -> np.ndarray:
     """float64 log-softmax of the torch model's logits for one unpadded sequence: [L, V]."""
     import torch
@@ -71,3 +88,10 @@ def austen_sentences(n: int = 40, skip: int = 10) -> list[str]:
     for para in austen_paragraphs(200, skip):
         out.extend(s for s in re.split(r"(?<=[.;?]) ", para) if s)
     return out[:n]
+
+
+def write_jsonl_gz(path, records) -> str:
+    """`records` (dicts) as gzipped JSON lines at `path` (how the hub stores C4); the path as a string."""
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return str(path)

@@ -1,6 +1,7 @@
-"""`eval.py` on a tiny saved Llama + BPE tokenizer: its perplexities against the transformers torch model on
-chunks built here independently, PTQ rows against the unfrozen converted model, the local lm-eval task, the
-JSON report, a real subprocess run, and the one-line errors (exit code 2)."""
+"""fairy2i_jax.evaluation.cli (`eval.py`) on a tiny saved Llama + BPE tokenizer: its perplexities against the
+transformers torch model on chunks built here independently, PTQ rows against the unfrozen converted model, the
+local lm-eval task, the JSON report, a real subprocess run, a training run directory, the one-line errors (exit
+code 2), and `--ppl-datasets` (local datasets through the hub path) equal to `--ppl-files` on the same text."""
 
 import json
 import os
@@ -11,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from eval_helpers import austen_sentences, tiny_llama, tiny_tokenizer
+from eval_helpers import austen_sentences, tiny_llama, tiny_tokenizer, write_jsonl_gz
 from fairy2i_jax.evaluation.cli import main
+from fairy2i_jax.evaluation.ppl_datasets import PPL_DATASETS, PplDataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK_DIR = os.path.join(REPO, "tests", "data", "tiny_mc")
@@ -197,3 +199,62 @@ def test_training_run_dir(tmp_path, capsys):
     assert direct.num_scored == 4 * 255  # 1200 bytes hold the first 1024 tokens of the byte tokenizer
     assert trained == pytest.approx(direct.ppl, rel=1e-5) and w2 == pytest.approx(trained, rel=1e-6)
     assert abs(np.log(fp / trained)) > 1e-3
+
+
+# -- --ppl-datasets (local files through the same load_dataset path as wikitext2 and c4; no network here) --------
+
+
+@pytest.fixture
+def hf_datasets_cache(tmp_path, monkeypatch):
+    """`datasets` (the test is skipped without it), its `load_dataset` writing its arrow files under tmp_path."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_datasets_cache")
+
+
+def test_cli_dataset_errors_exit_2(saved, hf_datasets_cache, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base = ["--model", saved[0], "--no-progress"]
+    line = _error(capsys, base + ["--ppl-datasets", "wikitext2"])
+    assert "cannot load perplexity dataset 'wikitext2' (Salesforce/wikitext" in line
+    assert "offline mode is on (HF_HUB_OFFLINE=1)" in line and "local copy of its text with --ppl-files" in line
+
+    line = _error(capsys, base + ["--ppl-datasets", "wikitext2,wikitext103"])
+    assert "unknown perplexity dataset(s) ['wikitext103']; known: wikitext2, c4" in line
+
+    empty = write_jsonl_gz(tmp_path / "empty.json.gz", [{"text": ""}, {"text": ""}])
+    monkeypatch.setitem(PPL_DATASETS, "emptylocal", PplDataset("emptylocal", "json", data_files=(empty,)))
+    line = _error(capsys, base + ["--ppl-datasets", "emptylocal"])
+    assert "perplexity dataset 'emptylocal'" in line and "holds no text" in line
+
+
+def test_cli_dataset_perplexity_equals_ppl_files(saved, hf_datasets_cache, tmp_path, capsys, monkeypatch):
+    """The same sentences as a text file (one per line, --doc-split line), as a c4-like JSON dataset (one
+    record each) and as a wikitext-like parquet dataset (lines, with empty records between): every protocol
+    gives the very same numbers, so a dataset goes through exactly the path of a --ppl-files file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sentences = austen_sentences(60)
+    text = tmp_path / "sentences.txt"
+    text.write_text("\n\n".join(sentences) + "\n", encoding="utf-8")
+    c4_file = write_jsonl_gz(tmp_path / "c4like.json.gz", [{"text": s} for s in sentences])
+    wiki_records = [r for s in sentences for r in (s + "\n", "", "\n")]
+    pq.write_table(pa.table({"text": wiki_records}), tmp_path / "wikilike.parquet")
+    monkeypatch.setitem(PPL_DATASETS, "c4like", PplDataset("c4like", "json", split="validation",
+                                                           data_files=(c4_file,)))
+    monkeypatch.setitem(PPL_DATASETS, "wikilike", PplDataset(
+        "wikilike", "parquet", data_files=(str(tmp_path / "wikilike.parquet"),), documents="lines"))
+    out = tmp_path / "report.json"
+    code = main(["--model", saved[0], "--ppl-files", str(text), "--doc-split", "line",
+                 "--ppl-datasets", "c4like,wikilike", "--seqlen", "128", "--max-tokens", "1500",
+                 "--batch-size", "4", "--no-progress", "--json", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "[eval] loading dataset c4like: json, split validation, files " in captured.err
+    assert "c4like official PPL" in captured.out and "wikilike contiguous PPL" in captured.out
+    ppl = json.loads(out.read_text())["rows"][0]["ppl"]
+    assert list(ppl) == ["sentences", "c4like", "wikilike"]
+    file_numbers = ppl["sentences"]
+    assert file_numbers["official"]["chunks"] > 1 and file_numbers["contiguous"]["scored"] == 11 * 127
+    assert file_numbers["official"]["scored"] < file_numbers["official"]["positions"]
+    assert ppl["c4like"] == file_numbers and ppl["wikilike"] == file_numbers

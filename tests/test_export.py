@@ -1,4 +1,5 @@
-"""Export to HF (dequantized / master / packed), import of official checkpoints, and the export's safety rules.
+"""fairy2i_jax.hf.export (export_model): HF directories (dequantized / master / packed), import of official
+checkpoints, and the export's safety rules (the command line: test_export_cli.py).
 
 Oracles: transformers' torch model loading the exported directory; the official fake quantizer
 (``official_torch``) applied to the stored checkpoint tensors; the input safetensors files themselves.
@@ -199,8 +200,6 @@ def test_non_empty_out_is_refused_and_overwrite_replaces_it(tmp_path):
     (run / "checkpoints").mkdir(parents=True)
     with pytest.raises(ExportError, match="training run directory"):
         export_model(model, run, "master", overwrite=True, progress=False)
-    assert export_main(["--from", str(checkpoint("llama")), "--out", str(checkpoint("llama")), "--format",
-                        "master", "--overwrite", "--no-progress"]) == 2  # never replaces its own source
 
 
 def test_an_interrupted_export_leaves_no_partial_dir(tmp_path, monkeypatch):
@@ -225,18 +224,6 @@ def test_an_interrupted_export_leaves_no_partial_dir(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="simulated"):
         export_model(model, old, "dequantized", overwrite=True, progress=False)
     assert os.listdir(tmp_path) == ["old"] and os.listdir(old) == ["config.json"]
-
-
-def test_cli_errors_exit_2_with_one_line(tmp_path, capsys):
-    source = str(checkpoint("llama"))
-    assert export_main(["--from", source, "--out", str(tmp_path / "a"), "--format", "packed"]) == 2
-    assert "needs --quant" in capsys.readouterr().err
-    assert export_main(["--from", str(tmp_path / "missing"), "--out", str(tmp_path / "b")]) == 2
-    assert "does not exist" in capsys.readouterr().err
-    assert export_main(["--from", source, "--quant", "w2", "--out", str(tmp_path / "c"),
-                        "--max-shard-size", "lots"]) == 2
-    assert "--max-shard-size" in capsys.readouterr().err
-    assert not any(tmp_path.iterdir())
 
 
 def test_packed_dir_with_a_damaged_code_tensor_is_refused(w2, tmp_path):

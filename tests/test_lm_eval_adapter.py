@@ -8,23 +8,13 @@ import pytest
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import TemplateLM
 
-from eval_helpers import austen_sentences, tiny_llama, tiny_tokenizer, torch_logprobs
+from eval_helpers import austen_sentences, model, tok, torch_logprobs  # noqa: F401 (fixtures)
 from fairy2i_jax.evaluation import torch_logits_fn
 from fairy2i_jax.evaluation.lm_eval_adapter import LogitsLM, evaluate_tasks, resolve_tasks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK_DIR = os.path.join(REPO, "tests", "data", "tiny_mc")
 REL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_llama(len(tok))
 
 
 def _docs():

@@ -1,35 +1,26 @@
-"""Perplexity protocols against a tiny random torch Llama (transformers) and a BPE tokenizer trained on Austen."""
+"""fairy2i_jax.evaluation.perplexity: the official packed, contiguous and strided protocols against direct loops
+over a tiny random torch Llama (transformers) and a BPE tokenizer trained on Austen. (The JAX logits function
+and a JAX model's perplexity: test_logits.py.)"""
 
 import math
 
 import numpy as np
 import pytest
 
-from eval_helpers import austen_paragraphs, austen_sentences, tiny_llama, tiny_tokenizer, torch_logprobs
-from fairy2i_jax.evaluation import (
+from eval_helpers import austen_paragraphs, austen_sentences, model, tok, torch_logprobs  # noqa: F401 (fixtures)
+from fairy2i_jax.evaluation.logits import torch_logits_fn
+from fairy2i_jax.evaluation.perplexity import (
     contiguous_ids,
     contiguous_perplexity,
     contiguous_windows,
     evaluate_perplexity,
-    jax_logits_fn,
     official_packed_chunks,
     official_perplexity,
     official_windows,
-    torch_logits_fn,
     wikitext_lines,
 )
 
 REL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_llama(len(tok))
 
 
 def _enc(tok, text):
@@ -166,69 +157,3 @@ def test_errors_name_the_problem(tok, model):
         contiguous_windows(np.arange(10), seqlen=16)
     with pytest.raises(ValueError, match="unknown perplexity protocol"):
         evaluate_perplexity(torch_logits_fn(model), [np.arange(4)], protocol="gptq")
-
-
-def _causal_mean_model(vocab, dim=16, seed=0):
-    """A tiny NNX causal LM for the wrapper test: logits_t = W tanh(4 mean(embed(x_0..x_t))), masked ids skipped."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    class CausalMean(nnx.Module):
-        def __init__(self, rngs):
-            self.embed = nnx.Embed(vocab, dim, rngs=rngs)
-            self.out = nnx.Linear(dim, vocab, rngs=rngs)
-
-        def __call__(self, input_ids, attention_mask=None):
-            mask = jnp.ones_like(input_ids) if attention_mask is None else attention_mask
-            h = self.embed(input_ids) * mask[..., None]
-            mean = jnp.cumsum(h, axis=1) / jnp.maximum(jnp.cumsum(mask, axis=1), 1)[..., None]
-            return self.out(jnp.tanh(mean) * 4.0)
-
-    return CausalMean(nnx.Rngs(seed))
-
-
-def test_jax_logits_fn_buckets_and_matches_eager_model(tok):
-    import jax.numpy as jnp
-
-    model = _causal_mean_model(len(tok))
-    fn = jax_logits_fn(model, max_length=64, batch_size=4, pad_id=tok.pad_token_id)
-    assert fn.buckets == (16, 32, 64)
-    chunks = official_packed_chunks(austen_sentences(12), tok, seqlen=60)
-    rows = [chunks[0][:5], chunks[1][:9], chunks[2][:13]]
-    for row in rows:                                             # lengths 5, 9, 13: one shape, one compile
-        ids = np.asarray([row], np.int32)
-        got = fn(ids, np.ones_like(ids))
-        want = np.asarray(model(jnp.asarray(ids)))
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    assert fn.shapes_seen == {(4, 16)}
-
-    def eager(ids, mask):
-        return np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)), np.float32)
-
-    via_jit = evaluate_perplexity(fn, chunks, batch_size=6, eos_id=tok.eos_token_id, progress=False)
-    via_eager = evaluate_perplexity(eager, chunks, batch_size=6, eos_id=tok.eos_token_id, progress=False)
-    assert via_jit.ppl_official == pytest.approx(via_eager.ppl_official, rel=1e-5)
-    assert via_jit.ppl_corrected == pytest.approx(via_eager.ppl_corrected, rel=1e-5)
-    assert fn.shapes_seen <= {(4, 16), (4, 32), (4, 64)}
-    with pytest.raises(ValueError, match="exceeds the largest shape bucket 64"):
-        fn(np.zeros((1, 65), np.int32), np.ones((1, 65), np.int32))
-
-
-def test_jax_model_perplexity_equals_torch(tok, model, tmp_path):
-    """The JAX Llama (`load_pretrained`, fp32 compute) through jax_logits_fn gives the torch model's perplexity."""
-    import jax.numpy as jnp
-
-    from fairy2i_jax.hf.load import load_pretrained
-
-    model.save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    jax_model = load_pretrained(str(tmp_path), dtype=jnp.float32, compute_dtype=jnp.float32)
-    chunks = official_packed_chunks(austen_sentences(16), tok, seqlen=96)
-    fn = jax_logits_fn(jax_model, max_length=128, batch_size=4, pad_id=tok.pad_token_id)
-    got = evaluate_perplexity(fn, chunks, batch_size=4, eos_id=tok.eos_token_id, progress=False)
-    want = evaluate_perplexity(torch_logits_fn(model), chunks, batch_size=4, eos_id=tok.eos_token_id,
-                               progress=False)
-    assert got.num_scored == want.num_scored and got.num_positions == want.num_positions
-    assert got.ppl_official == pytest.approx(want.ppl_official, rel=REL)
-    assert got.ppl_corrected == pytest.approx(want.ppl_corrected, rel=REL)
-    assert fn.shapes_seen <= {(4, 64), (4, 128)}               # chunk inputs of <= 95 tokens: two buckets at most

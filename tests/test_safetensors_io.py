@@ -1,13 +1,17 @@
-"""The streaming safetensors writer: files that the safetensors library and our reader read back, shard plans,
-and refusals. (Reading and its refusals are tested with whole checkpoints in test_hf_import.py.)"""
+"""fairy2i_jax.hf.safetensors_io: the streaming writer (files that the safetensors library and our reader read
+back, shard plans, refusals) and the reader's refusals of corrupt, truncated, incomplete or pickled checkpoints
+(on copies of a whole tiny checkpoint, through load_pretrained where that is how a user meets them)."""
 
 import json
+import shutil
+import struct
 
 import ml_dtypes
 import numpy as np
 import pytest
 from safetensors import safe_open
 
+from fairy2i_jax import CheckpointError, load_pretrained
 from fairy2i_jax.hf.safetensors_io import (
     SafetensorsCheckpoint,
     TensorPlan,
@@ -16,6 +20,7 @@ from fairy2i_jax.hf.safetensors_io import (
     write_safetensors,
     write_sharded,
 )
+from model_helpers import checkpoint
 
 
 def _plan(name, array):
@@ -79,3 +84,54 @@ def test_a_tensor_that_does_not_match_its_plan_is_refused(tmp_path):
     plan = TensorPlan("w", (2, 2), np.dtype(np.float32), lambda: np.zeros((2, 3), np.float32))
     with pytest.raises(ValueError, match=r"tensor 'w': produced float32\[2, 3\], planned float32\[2, 2\]"):
         write_safetensors(tmp_path / "x.safetensors", [plan])
+
+
+# -- reading refusals ------------------------------------------------------------------------------------------
+
+
+def _corrupt(tmp_path, mutate):
+    path = shutil.copytree(checkpoint("llama"), tmp_path / "ckpt")
+    file = path / "model.safetensors"
+    file.write_bytes(mutate(file.read_bytes()))
+    return path
+
+
+def test_header_length_beyond_file_is_refused(tmp_path):
+    path = _corrupt(tmp_path, lambda b: struct.pack("<Q", len(b) * 2) + b[8:])
+    with pytest.raises(CheckpointError, match="model.safetensors: corrupt or truncated safetensors file.*header"):
+        load_pretrained(path)
+
+
+def test_bad_header_json_is_refused(tmp_path):
+    def garble(b):
+        n = struct.unpack("<Q", b[:8])[0]
+        return b[:8] + b"{" * n + b[8 + n:]
+
+    with pytest.raises(CheckpointError, match="model.safetensors: corrupt or truncated safetensors file.*JSON"):
+        load_pretrained(_corrupt(tmp_path, garble))
+
+
+def test_truncated_data_is_refused(tmp_path):
+    path = _corrupt(tmp_path, lambda b: b[: len(b) - 1000])
+    with pytest.raises(CheckpointError, match="model.safetensors: corrupt or truncated safetensors file.*not fully covered"):
+        load_pretrained(path)
+
+
+def test_missing_shard_is_refused(tmp_path):
+    path = shutil.copytree(checkpoint("llama", "float32", "60KB"), tmp_path / "ckpt")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+    (path / shard).unlink()
+    with pytest.raises(CheckpointError, match=f"shard file\\(s\\) \\['{shard}'\\] listed in the index do not exist"):
+        SafetensorsCheckpoint(path)
+
+
+def test_pickled_weights_are_never_loaded(tmp_path):
+    path = tmp_path / "pickled"
+    path.mkdir()
+    shutil.copy(checkpoint("llama") / "config.json", path / "config.json")
+    payload = path / "pytorch_model.bin"
+    payload.write_bytes(b"not even opened")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin.*pickled checkpoints are never loaded.*safetensors"):
+        load_pretrained(path)
+    assert payload.read_bytes() == b"not even opened"

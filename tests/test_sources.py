@@ -12,6 +12,7 @@ from fairy2i_jax.hf.tokenizer import ByteTokenizer, TokenizerNotFound
 from fairy2i_jax.runs import RunDirError
 from gguf_helpers import smollm2_gguf_path, write_llama_gguf
 from model_helpers import batch, checkpoint, jax_logits, torch_model
+from train_helpers import REFERENCE_STEPS as STEPS, ROOT
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +89,19 @@ def test_run_dir_and_its_step(tmp_path, hf_dir):
     (run / "config.yaml").write_text(yaml.safe_dump({"quant": {"preset": "w9"}}))
     with pytest.raises(RunDirError, match=r"config.yaml: .*quant.preset = 'w9' is not one of"):
         sources.run_spec(run)
+
+
+def test_a_run_dir_source_gives_the_trained_model(reference, monkeypatch):
+    """The session's reference training run (conftest.py): the latest and an earlier checkpoint."""
+    monkeypatch.chdir(ROOT)
+    run_dir = reference[0]
+    loaded = sources.load(str(run_dir))
+    earlier = sources.load(str(run_dir), step=STEPS - 2).model
+    assert loaded.source.kind == "run" and loaded.tokenizer.eos_token_id == 256
+    u_last, u_earlier = loaded.model.lm_head.U.get_value(), earlier.lm_head.U.get_value()
+    assert u_last.dtype == np.complex64 and not np.array_equal(np.asarray(u_last), np.asarray(u_earlier))
+    with pytest.raises(RunDirError, match=rf"no checkpoint 7 in .* \(available: \[{STEPS - 4}, {STEPS - 2}, {STEPS}\]\)"):
+        sources.load(str(run_dir), step=7)
 
 
 def test_every_bad_source_is_one_clear_error(tmp_path, hf_dir, monkeypatch):

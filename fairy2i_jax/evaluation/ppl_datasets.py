@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from fairy2i_jax.errors import Fairy2iError
 from fairy2i_jax.data import dataset_texts, load_hf_dataset
 from fairy2i_jax.evaluation.perplexity import wikitext_lines
 
@@ -29,7 +30,7 @@ OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 _TRUE = ("1", "true", "yes", "on")
 
 
-class PplDatasetError(Exception):
+class PplDatasetError(Fairy2iError, ValueError):
     """A perplexity dataset that cannot be used; the message says which and why."""
 
 

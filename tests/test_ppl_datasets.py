@@ -1,21 +1,19 @@
-"""`eval.py --ppl-datasets`: the registry, the official record -> document rules on real `datasets.Dataset`s,
-the real `load_dataset` path on local files (offline), the offline / missing-package errors, and perplexity
-of a dataset equal to `--ppl-files` on the same text.
+"""fairy2i_jax.evaluation.ppl_datasets (`eval.py --ppl-datasets`): the registry, the official record -> document
+rules on real `datasets.Dataset`s, the real `load_dataset` path on local files (offline), and the offline /
+missing-package errors. (The command line's dataset errors and perplexities: test_eval_cli.py.)
 
 The test machine has no network (conftest sets HF_HUB_OFFLINE=1), so the hub datasets themselves are never
 downloaded here: a `PplDataset` pointing a packaged builder ("json", "parquet") at local files goes through the
 same `load_documents` / `load_hf_dataset` code as `wikitext2` and `c4`.
 """
 
-import gzip
-import json
 import sys
 
 import pytest
 
-from eval_helpers import austen_sentences, tiny_llama, tiny_tokenizer
+from eval_helpers import write_jsonl_gz
 from fairy2i_jax.data import hf_documents
-from fairy2i_jax.evaluation.cli import build_parser, main
+from fairy2i_jax.evaluation.cli import build_parser
 from fairy2i_jax.evaluation.ppl_datasets import (
     C4,
     PPL_DATASETS,
@@ -40,12 +38,6 @@ WIKI_DOCS = [" = Title = ", " text a ", " text b", " ", "tail without newline"]
 def hf_cache(tmp_path, monkeypatch):
     """Every `load_dataset` of a test writes its prepared arrow files under tmp_path, not ~/.cache."""
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_datasets_cache")
-
-
-def write_jsonl_gz(path, records):
-    with gzip.open(path, "wt", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    return str(path)
 
 
 # ------------------------------------------------------------------------------------------------ registry
@@ -141,74 +133,3 @@ def test_load_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if the package were not installed
     with pytest.raises(PplDatasetError, match=r"needs the `datasets` package: pip install '\.\[eval\]'"):
         load_documents(C4)
-
-
-# ------------------------------------------------------------------------------------------------ eval.py
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny random Llama and its BPE tokenizer saved as an HF directory."""
-    tok = tiny_tokenizer()
-    root = tmp_path_factory.mktemp("eval_datasets") / "tiny"
-    tiny_llama(len(tok), seed=2).save_pretrained(root)
-    tok.save_pretrained(root)
-    return str(root)
-
-
-def error_line(capsys, argv) -> str:
-    """The one `eval.py: error:` line of a run that must exit with code 2."""
-    code = main(argv)
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("eval.py: error:")]
-    assert code == 2 and "Traceback" not in err and len(lines) == 1, err
-    return lines[0]
-
-
-def test_cli_dataset_errors_exit_2(model_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    base = ["--model", model_dir, "--no-progress"]
-    line = error_line(capsys, base + ["--ppl-datasets", "wikitext2"])
-    assert "cannot load perplexity dataset 'wikitext2' (Salesforce/wikitext" in line
-    assert "offline mode is on (HF_HUB_OFFLINE=1)" in line and "local copy of its text with --ppl-files" in line
-
-    line = error_line(capsys, base + ["--ppl-datasets", "wikitext2,wikitext103"])
-    assert "unknown perplexity dataset(s) ['wikitext103']; known: wikitext2, c4" in line
-
-    empty = write_jsonl_gz(tmp_path / "empty.json.gz", [{"text": ""}, {"text": ""}])
-    monkeypatch.setitem(PPL_DATASETS, "emptylocal", PplDataset("emptylocal", "json", data_files=(empty,)))
-    line = error_line(capsys, base + ["--ppl-datasets", "emptylocal"])
-    assert "perplexity dataset 'emptylocal'" in line and "holds no text" in line
-
-
-def test_cli_dataset_perplexity_equals_ppl_files(model_dir, tmp_path, capsys, monkeypatch):
-    """The same sentences as a text file (one per line, --doc-split line), as a c4-like JSON dataset (one
-    record each) and as a wikitext-like parquet dataset (lines, with empty records between): every protocol
-    gives the very same numbers, so a dataset goes through exactly the path of a --ppl-files file."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    sentences = austen_sentences(60)
-    text = tmp_path / "sentences.txt"
-    text.write_text("\n\n".join(sentences) + "\n", encoding="utf-8")
-    c4_file = write_jsonl_gz(tmp_path / "c4like.json.gz", [{"text": s} for s in sentences])
-    wiki_records = [r for s in sentences for r in (s + "\n", "", "\n")]
-    pq.write_table(pa.table({"text": wiki_records}), tmp_path / "wikilike.parquet")
-    monkeypatch.setitem(PPL_DATASETS, "c4like", PplDataset("c4like", "json", split="validation",
-                                                           data_files=(c4_file,)))
-    monkeypatch.setitem(PPL_DATASETS, "wikilike", PplDataset(
-        "wikilike", "parquet", data_files=(str(tmp_path / "wikilike.parquet"),), documents="lines"))
-    out = tmp_path / "report.json"
-    code = main(["--model", model_dir, "--ppl-files", str(text), "--doc-split", "line",
-                 "--ppl-datasets", "c4like,wikilike", "--seqlen", "128", "--max-tokens", "1500",
-                 "--batch-size", "4", "--no-progress", "--json", str(out)])
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    assert "[eval] loading dataset c4like: json, split validation, files " in captured.err
-    assert "c4like official PPL" in captured.out and "wikilike contiguous PPL" in captured.out
-    ppl = json.loads(out.read_text())["rows"][0]["ppl"]
-    assert list(ppl) == ["sentences", "c4like", "wikilike"]
-    file_numbers = ppl["sentences"]
-    assert file_numbers["official"]["chunks"] > 1 and file_numbers["contiguous"]["scored"] == 11 * 127
-    assert file_numbers["official"]["scored"] < file_numbers["official"]["positions"]
-    assert ppl["c4like"] == file_numbers and ppl["wikilike"] == file_numbers

@@ -1,4 +1,5 @@
-"""The Flax decoder against transformers' torch models, and its own invariants (scan, remat, KV cache, segments)."""
+"""fairy2i_jax.models.llama (CausalLM): logits against transformers' torch models for every family, and the
+decoder's own invariants (padding, scan, remat, KV cache, segments, precomputed weights, plans)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,9 +9,8 @@ import torch
 from flax import nnx
 
 from fairy2i_jax import load_pretrained
-from fairy2i_jax.models import LinearSpec, ModelConfig, RopeScaling
-from fairy2i_jax.models.linear import Linear
-from fairy2i_jax.quant import QuantSpec
+from fairy2i_jax.models import LinearSpec, ModelConfig
+from fairy2i_jax.models.llama import abstract_model
 from model_helpers import (
     FAMILIES,
     batch,
@@ -129,48 +129,43 @@ def test_effective_weights_can_be_passed_back():
     assert not np.any(qat_logits(model, ids, mask, zeroed))  # the passed weight is what is used
 
 
-def test_packed_kind_is_not_available_yet():
-    with pytest.raises(NotImplementedError, match="packed kernels arrive with issue \\[F\\]"):
-        LinearSpec("packed")
+def _tiny(**changes) -> ModelConfig:
+    return ModelConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2,
+                       num_kv_heads=1, compute_dtype=jnp.float32, **changes)
 
 
-def test_linear_kind_rules():
-    with pytest.raises(ValueError, match="needs even dims"):
-        Linear(5, 4, spec=LinearSpec("widely_linear"), rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="needs quant=QuantSpec"):
-        LinearSpec("qat")
-    with pytest.raises(ValueError, match="unknown linear kind"):
-        LinearSpec("complex")
-    layer = Linear(8, 6, spec=LinearSpec("qat", QuantSpec("complex_phase", 2)), use_bias=True, rngs=nnx.Rngs(0))
-    assert layer.U.get_value().dtype == jnp.complex64 and layer.U.get_value().shape == (3, 4)
-    x = jax.random.normal(jax.random.key(1), (2, 8))
-    weight = layer.effective_weight()
-    np.testing.assert_allclose(layer(x), x @ weight.T + layer.bias.get_value(), atol=1e-6)
-
-    # STE: for a loss linear in the weight, dL/dA does not depend on A, so the gradient reaching the complex
-    # masters of the quantized layer equals that of the unquantized widely-linear layer with the same masters
-    def grad_wrt_masters(module):
-        graphdef, params = nnx.split(module)
-        grads = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(x)))(params)
-        return np.asarray(grads["U"].get_value()), np.asarray(grads["W"].get_value())
-
-    full = Linear(8, 6, spec=LinearSpec("widely_linear"), use_bias=True, rngs=nnx.Rngs(0))
-    assert not np.array_equal(np.asarray(full.effective_weight()), np.asarray(weight))
-    for got, want in zip(grad_wrt_masters(layer), grad_wrt_masters(full)):
-        assert np.any(want != 0)
-        np.testing.assert_allclose(got, want, atol=1e-6)
+def test_abstract_model_allocates_nothing():
+    """Every param a ``jax.ShapeDtypeStruct`` of the HF ``[out, in]`` shape (GQA: k_proj has kv_heads * head_dim
+    rows), in the param dtype; scanned: a leading ``layers`` axis."""
+    model = abstract_model(_tiny(param_dtype=jnp.bfloat16))
+    params = nnx.to_pure_dict(nnx.state(model))
+    assert all(isinstance(x, jax.ShapeDtypeStruct) and x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
+    assert params["embed_tokens"]["embedding"].shape == params["lm_head"]["kernel"].shape == (32, 8)
+    attn = params["layers"][1]["self_attn"]
+    assert attn["q_proj"]["kernel"].shape == (8, 8) and attn["k_proj"]["kernel"].shape == (4, 8)
+    assert params["norm"]["weight"].shape == (8,) and params["layers"][0]["mlp"]["down_proj"]["kernel"].shape == (8, 16)
+    scanned = nnx.to_pure_dict(nnx.state(abstract_model(_tiny(scan_layers=True))))
+    assert scanned["layers"]["self_attn"]["k_proj"]["kernel"].shape == (2, 4, 8)
 
 
-def test_model_config_validation():
-    base = dict(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2, num_kv_heads=2)
-    assert ModelConfig(**base).head_dim == 4
-    with pytest.raises(ValueError, match="num_kv_heads"):
-        ModelConfig(**{**base, "num_kv_heads": 3})
-    with pytest.raises(ValueError, match="remat"):
-        ModelConfig(**base, remat="sometimes")
-    with pytest.raises(ValueError, match="rope_type"):
-        ModelConfig(**base, rope_scaling=RopeScaling("yarn"))
-    with pytest.raises(ValueError, match="llama3.*needs"):
-        RopeScaling("llama3", factor=8.0)
-    with pytest.raises(ValueError, match="model_type"):
-        ModelConfig(**base, model_type="gpt2")
+def test_plans_per_layer_and_scanned():
+    wl = LinearSpec("widely_linear")
+    model = abstract_model(_tiny(), {"model.layers.1.mlp.up_proj": wl, "lm_head": wl})
+    plan = model.linear_plan()
+    assert len(plan) == 2 * 7 + 1 and plan["model.layers.1.mlp.up_proj"] == plan["lm_head"] == wl
+    assert plan["model.layers.0.mlp.up_proj"] == LinearSpec()
+    assert model.layers[1].mlp.up_proj.U.get_value().shape == (8, 4)
+    with pytest.raises(ValueError, match=r"layer 1 differs from layer 0 in \['mlp.up_proj'\]"):
+        abstract_model(_tiny(scan_layers=True), {"model.layers.1.mlp.up_proj": wl})
+    both = {f"model.layers.{i}.mlp.up_proj": wl for i in range(2)}
+    scanned = abstract_model(_tiny(scan_layers=True), both)
+    assert "model.layers.*.mlp.up_proj" in scanned.named_linears()
+    assert scanned.layers.mlp.up_proj.U.get_value().shape == (2, 8, 4)
+    assert scanned.linear_plan() == abstract_model(_tiny(), both).linear_plan()
+
+
+def test_segment_ids_and_a_kv_cache_are_refused_together():
+    model = abstract_model(_tiny())
+    ids = jnp.ones((1, 3), jnp.int32)
+    with pytest.raises(ValueError, match="segment_ids are not supported together with a KV cache"):
+        model(ids, segment_ids=jnp.ones((1, 3), jnp.int32), cache=model.init_cache(batch=1, max_len=4))
