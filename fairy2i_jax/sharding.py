@@ -10,7 +10,7 @@ Complex masters. ``U`` and ``W`` ``[n, m] = [out/2, in/2]`` carry the SAME logic
 ``[out, in]`` kernel they replace, so their n / m dims shard like the real out / in dims. (Under tensor
 parallelism the quadrants ``A[:n]`` and ``A[n:]`` of the real matrix then live on different devices than the
 rows of U they form; recomposing A is a cheap elementwise op that XLA turns into collectives. A packed serving
-layout can revisit this with the kernels of issue [F].)
+layout can revisit this for the packed kernels.)
 
 A mesh axis is dropped from a dim (that dim replicated) when the dim is not divisible by the axis size, and a
 mesh axis is used at most once per array.

@@ -258,3 +258,29 @@ def test_cli_dataset_perplexity_equals_ppl_files(saved, hf_datasets_cache, tmp_p
     assert file_numbers["official"]["chunks"] > 1 and file_numbers["contiguous"]["scored"] == 11 * 127
     assert file_numbers["official"]["scored"] < file_numbers["official"]["positions"]
     assert ppl["c4like"] == file_numbers and ppl["wikilike"] == file_numbers
+
+
+def test_a_packed_dir_is_evaluated_on_the_kernels(saved, tmp_path, capsys):
+    """eval.py on a packed export (its linears on the packed kernels) gives the dequantized export's perplexity
+    (fp32 activations: the same A_q summed in another order, within 1e-5); "fp" of a packed dir is refused."""
+    import jax.numpy as jnp
+
+    from fairy2i_jax import convert, load_pretrained
+    from fairy2i_jax.hf.export import export_model
+
+    model_dir, text, _, _ = saved
+    w2 = convert(load_pretrained(model_dir, compute_dtype=jnp.float32), "w2")
+    for fmt in ("packed", "dequantized"):
+        export_model(w2, tmp_path / fmt, fmt, dtype="float32", tokenizer_from=model_dir, progress=False)
+    rows = {}
+    for fmt in ("packed", "dequantized"):
+        out = tmp_path / f"{fmt}.json"
+        assert main(_args((str(tmp_path / fmt), text, None, None), out, "--quant", "trained", "--protocol",
+                          "contiguous")) == 0
+        rows[fmt] = json.loads(out.read_text())["rows"][0]["ppl"]
+    capsys.readouterr()
+    (name,) = rows["packed"]
+    got, want = rows["packed"][name]["contiguous"], rows["dequantized"][name]["contiguous"]
+    assert got["scored"] == want["scored"] and got["ppl"] == pytest.approx(want["ppl"], rel=1e-5)
+    assert main(_args((str(tmp_path / "packed"), text, None, None), tmp_path / "fp.json", "--quant", "fp")) == 2
+    assert "a packed model has only its 2-bit codes" in capsys.readouterr().err

@@ -112,3 +112,31 @@ def test_text_generation_and_lm_eval_cached_path(text_model):
     stop = expected[1][len(expected[1]) // 2:][:2]
     cut = Instance("generate_until", {}, (contexts[1], {"until": [stop], "max_gen_toks": 12}), 0)
     assert cached.generate_until([cut]) == [expected[1][: expected[1].index(stop)]]
+
+
+def test_packed_model_generates_the_qat_tokens(tiny):
+    """Greedy decoding on the packed kernels (prepared, fused operands) = on the fake-quantized dense weights."""
+    from fairy2i_jax.convert import to_packed
+
+    w2 = convert(tiny[0], "w2")
+    packed = to_packed(w2)
+    assert greedy_ids(packed, PROMPTS, 12, eos_id=None) == greedy_ids(w2, PROMPTS, 12, eos_id=None)
+
+
+def test_sampling_is_reproducible_and_top_k_one_is_greedy(tiny):
+    from fairy2i_jax.generate.engine import Sampling, sample_ids
+
+    model = tiny[0]
+    warm = Sampling(temperature=1.5, top_p=0.95)
+    a = sample_ids(model, PROMPTS, 16, sampling=warm, seed=7, eos_id=None)
+    assert a == sample_ids(model, PROMPTS, 16, sampling=warm, seed=7, eos_id=None)
+    assert a != sample_ids(model, PROMPTS, 16, sampling=warm, seed=8, eos_id=None)
+    assert a != greedy_ids(model, PROMPTS, 16, eos_id=None)
+    one = Sampling(temperature=0.7, top_k=1)
+    assert sample_ids(model, PROMPTS, 16, sampling=one, seed=3, eos_id=None) == greedy_ids(model, PROMPTS, 16,
+                                                                                            eos_id=None)
+    streamed = []
+    chunked = sample_ids(model, PROMPTS[:1], 9, eos_id=None, chunk=2, on_tokens=lambda new: streamed.extend(new[0]))
+    assert streamed == chunked[0] == greedy_ids(model, PROMPTS[:1], 9, eos_id=None)[0]
+    with pytest.raises(ValueError, match="0 < top_p <= 1"):
+        Sampling(temperature=1.0, top_p=0.0)

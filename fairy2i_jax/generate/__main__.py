@@ -99,8 +99,8 @@ def inference_model(model, args):
 class Streamer:
     """Prints the text of one row as its tokens arrive (the decode of all ids so far, minus what is printed)."""
 
-    def __init__(self, tokenizer, out=sys.stdout):
-        self.tokenizer, self.out, self.ids, self.printed = tokenizer, out, [], ""
+    def __init__(self, tokenizer, out=None):
+        self.tokenizer, self.out, self.ids, self.printed = tokenizer, out or sys.stdout, [], ""
         self.first: float | None = None
 
     def __call__(self, new: list[list[int]]) -> None:

@@ -29,10 +29,10 @@ word, lowest bits first, along the complex input dim (layout of :mod:`fairy2i_ja
 
 and ``tie_word_embeddings: false`` when the output head is quantized (its codes are its own tensors).
 
-Loading (:class:`PackedSource`): ``load_pretrained(packed_dir)`` sees each ``<base>.weight`` as the decoded
-``A_q = unpack_to_real(codes, scales)``, equal bit for bit to the QAT model's fake-quantized weight, and builds
-an ordinary real model from it. Linears that keep the codes in memory and multiply with Pallas kernels
-(the ``packed`` linear kind) arrive with issue [F]; the file format does not change then.
+Loading: ``load_pretrained(packed_dir)`` keeps the codes (the ``packed`` linear kind: its variables are these
+tensors, multiplied through :mod:`fairy2i_jax.kernels`); with ``packed="decode"``, :class:`PackedSource` shows each
+``<base>.weight`` as the decoded ``A_q = unpack_to_real(codes, scales)``, equal bit for bit to the QAT model's
+fake-quantized weight, and an ordinary real model is built from it.
 """
 
 from __future__ import annotations
