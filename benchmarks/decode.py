@@ -41,6 +41,7 @@ SHAPES = {
                num_kv_heads=32),
     "small": dict(vocab_size=4096, hidden_size=512, intermediate_size=1376, num_layers=4, num_heads=8,
                   num_kv_heads=8),
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=4),
 }
 
 
@@ -103,13 +104,14 @@ def linear_bytes(model) -> int:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.decode", description=__doc__.split("\n\n")[0])
     p.add_argument("--small", action="store_true", help="a CPU-sized model instead of the Llama-2-7B shape")
+    p.add_argument("--tiny", action="store_true", help="the smallest model (smoke runs)")
     p.add_argument("--batches", default="1,16")
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    shape = "small" if args.small else "7b"
+    shape = "tiny" if args.tiny else "small" if args.small else "7b"
     packed, dense = model_pair(shape)
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:

@@ -36,12 +36,18 @@ from fairy2i_jax.training.state import ParamLayout, init_state, param_count
 from fairy2i_jax.training.step import jit_train_step, make_train_step
 
 SHAPES = {
+    # The smallest, for smoke runs (benchmarks/gpu_check.py --smoke).
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                 tie_word_embeddings=False),
     # A small Llama that a 2-core CPU steps through in about a second.
     "small": dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=4, num_heads=8,
                   num_kv_heads=4, tie_word_embeddings=False),
     # Llama-3.2-1B: 1.24B params, tied embeddings.
     "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
                num_kv_heads=8, tie_word_embeddings=True, rope_theta=500000.0),
+    # SmolLM2-135M (the project's default model): 135M params, tied embeddings.
+    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                    num_kv_heads=3, head_dim=64, tie_word_embeddings=True, rope_theta=100000.0),
 }
 
 
