@@ -190,25 +190,38 @@ def test_sharded_export_with_index_loads_everywhere(tmp_path):
     assert max_diff_on_tokens(jax_logits(_load(tmp_path / "hf"), ids, mask), want, mask) <= TOL
 
 
-def test_non_empty_out_is_refused_and_overwrite_replaces_it(tmp_path):
+def test_non_empty_out_is_refused_and_overwrite_replaces_only_exports(tmp_path):
+    """A foreign non-empty dir is refused with or without --overwrite; an earlier export is replaced only with it."""
     model = convert(_load(checkpoint("llama")), "w1")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("precious")
+    with pytest.raises(ExportError, match="exists and is not empty"):
+        export_model(model, foreign, "master", progress=False)
+    with pytest.raises(ExportError, match="is not an earlier export"):
+        export_model(model, foreign, "master", overwrite=True, progress=False)
+    assert sorted(os.listdir(foreign)) == ["keep.txt"] and (foreign / "keep.txt").read_text() == "precious"
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("precious")
+    export_model(model, out, "master", progress=False)
+    (out / "stale.txt").write_text("from the old export")
     with pytest.raises(ExportError, match="exists and is not empty"):
         export_model(model, out, "master", progress=False)
-    assert sorted(os.listdir(out)) == ["keep.txt"]
     export_model(model, out, "master", overwrite=True, progress=False)
-    assert "keep.txt" not in os.listdir(out) and (out / "model.safetensors").is_file()
+    assert "stale.txt" not in os.listdir(out) and (out / "model.safetensors").is_file()
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("train: {steps: 1}\n")
     with pytest.raises(ExportError, match="training run directory"):
         export_model(model, run, "master", overwrite=True, progress=False)
 
 
 def test_an_interrupted_export_leaves_no_partial_dir(tmp_path, monkeypatch):
-    """A failure while writing the 5th tensor: no ``out``, no temporary dir; an old ``out`` stays intact."""
+    """A failure while writing the 5th tensor: one ExportError naming it, no ``out``, no temporary dir; an old
+    export stays intact."""
     model = convert(_load(checkpoint("llama")), "w2")
+    old = tmp_path / "old"
+    export_model(model, old, "dequantized", progress=False)
+    before = {name: (old / name).read_bytes() for name in os.listdir(old)}
     real_host, calls = export_mod._host, []
 
     def failing_host(x):
@@ -218,16 +231,14 @@ def test_an_interrupted_export_leaves_no_partial_dir(tmp_path, monkeypatch):
         return real_host(x)
 
     monkeypatch.setattr(export_mod, "_host", failing_host)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(ExportError, match="simulated disk failure"):
         export_model(model, tmp_path / "new", "dequantized", progress=False)
-    assert os.listdir(tmp_path) == []
-    old = tmp_path / "old"
-    old.mkdir()
-    (old / "config.json").write_text("{}")
+    assert os.listdir(tmp_path) == ["old"]
     calls.clear()
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(ExportError, match="simulated disk failure"):
         export_model(model, old, "dequantized", overwrite=True, progress=False)
-    assert os.listdir(tmp_path) == ["old"] and os.listdir(old) == ["config.json"]
+    assert os.listdir(tmp_path) == ["old"]
+    assert {name: (old / name).read_bytes() for name in os.listdir(old)} == before
 
 
 def test_packed_dir_with_a_damaged_code_tensor_is_refused(w2, tmp_path):

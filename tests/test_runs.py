@@ -79,7 +79,7 @@ def test_run_summary_reads_config_metrics_and_perplexity_events(tmp_path):
     run = write_run_dir(tmp_path / "run")
     s = run_summary(run)
     assert (s["steps"], s["planned_steps"], s["seq_len"], s["global_batch"]) == (4, 4, 64, 8)
-    assert s["tokens"] == 4 * 8 * 64 and s["data"] == ["data/austen/train/prideprejudice.txt.gz"]
+    assert s["tokens"] == 4 * 8 * 64 and s["data"] == ["pkg:fairy2i_jax/corpora/austen/train/prideprejudice.txt.gz"]
     assert (s["lr"], s["final_lr"], s["final_loss"], s["eval_loss"]) == (3e-3, 0.003, 4.25, 4.75)
     assert (s["model"], s["preset"], s["ppl"]) == ("org/tiny-llama", "w2", None)
     with open(run / "metrics.jsonl", "a") as f:  # a resumed run appends after the torn line

@@ -52,7 +52,9 @@ def test_packed_dir_and_gguf_file_are_classified(hf_dir, tmp_path):
     model = convert(load_pretrained(hf_dir, compute_dtype=jnp.float32), "w2")
     packed = export_model(model, tmp_path / "packed", "packed", progress=False).path
     assert sources.resolve(str(packed)).kind == "packed"
-    decoded = sources.load_model(str(packed), compute_dtype="float32")
+    on_kernels = sources.load_model(str(packed), compute_dtype="float32")
+    assert {spec.kind for spec in on_kernels.linear_plan().values()} == {"packed"}
+    decoded = sources.load_model(str(packed), compute_dtype="float32", packed="decode")
     assert all(spec.kind == "real" for spec in decoded.linear_plan().values())
     gguf = write_llama_gguf(tmp_path / "tiny.gguf", torch_model("llama"), tokenizer=False)
     assert sources.resolve(str(gguf)).kind == "gguf"

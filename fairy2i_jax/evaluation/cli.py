@@ -50,6 +50,7 @@ from fairy2i_jax.quant import NUMERICS
 
 QUANTS = (*EVALUATION_SETTINGS, *quantized_presets())
 HEAD_FP = ":head-fp"
+DEFAULT_LENGTH = 2048  # --seqlen / --max-length when the model allows it
 
 
 class EvalError(Fairy2iError):
@@ -103,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", default="official,contiguous", help="comma list of official, contiguous")
     p.add_argument("--doc-split", default="paragraph", choices=DOC_SPLITS,
                    help="what one document (item) of a --ppl-files file is in the official protocol")
-    p.add_argument("--seqlen", type=int, default=2048, help="perplexity window / chunk length")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help=f"perplexity window / chunk length (default: {DEFAULT_LENGTH}, or the model's "
+                   "max_position_embeddings when smaller)")
     p.add_argument("--stride", type=int, default=None, help="contiguous windows every N tokens (overlapping)")
     p.add_argument("--max-tokens", type=int, default=None, help="cap the tokens evaluated per file / dataset (CPU)")
     p.add_argument("--tasks", default="", help="comma list of lm-eval tasks (metric: acc)")
@@ -113,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task (or a fraction < 1)")
     p.add_argument("--num-fewshot", type=int, default=None)
     p.add_argument("--encoding", default="official", choices=("official", "harness"), help="lm-eval encoding")
-    p.add_argument("--max-length", type=int, default=2048, help="lm-eval context length")
+    p.add_argument("--max-length", type=int, default=None,
+                   help=f"lm-eval context length (default: {DEFAULT_LENGTH}, or the model's max_position_embeddings "
+                   "when smaller)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--json", default=None, help="write every number to this JSON file")
     p.add_argument("--lm-eval-dir", default=None,
@@ -227,18 +232,27 @@ def check_model_spec(spec: str):
         raise EvalError(str(e)) from None
 
 
-def check_lengths(source, args, perplexity: bool, tasks: bool) -> None:
-    """EvalError when ``--seqlen`` (perplexity) or ``--max-length`` (tasks) exceeds the model's positions (read
-    from its config, no weights loaded): what train.py refuses for ``data.seq_len``."""
+def resolve_lengths(models, args, perplexity: bool, tasks: bool) -> None:
+    """Set ``args.seqlen`` / ``args.max_length`` left unset to min(DEFAULT_LENGTH, the smallest model's
+    max_position_embeddings); EvalError when one given explicitly exceeds a model's positions (read from its config,
+    no weights loaded): what train.py refuses for ``data.seq_len``."""
     from fairy2i_jax import sources
 
-    try:
-        positions = sources.model_config(source).max_position_embeddings
-    except Fairy2iError as e:
-        raise EvalError(f"cannot read model {source.spec!r}: {e}") from None
-    for flag, value, used in (("--seqlen", args.seqlen, perplexity), ("--max-length", args.max_length, tasks)):
-        if used and value > positions:
-            raise EvalError(f"{flag} {value} exceeds the max_position_embeddings = {positions} of {source.spec}")
+    positions = {}
+    for source in models:
+        try:
+            positions[source.spec] = sources.model_config(source).max_position_embeddings
+        except Fairy2iError as e:
+            raise EvalError(f"cannot read model {source.spec!r}: {e}") from None
+    fits = min([DEFAULT_LENGTH, *positions.values()])
+    for flag, attr, used in (("--seqlen", "seqlen", perplexity), ("--max-length", "max_length", tasks)):
+        if getattr(args, attr) is None:
+            setattr(args, attr, fits)
+        elif used:
+            for spec, limit in positions.items():
+                if getattr(args, attr) > limit:
+                    raise EvalError(f"{flag} {getattr(args, attr)} exceeds the max_position_embeddings = {limit} "
+                                    f"of {spec}")
 
 
 def load_model(source, compute_dtype: str, progress: bool = True):
@@ -333,7 +347,7 @@ def run(args) -> list[dict]:
     protocols = _csv(args.protocol)
     if any(p not in PROTOCOLS for p in protocols):
         raise EvalError(f"unknown --protocol {args.protocol!r}; expected a comma list of {', '.join(PROTOCOLS)}")
-    if args.seqlen < 2 or args.batch_size < 1 or (args.max_tokens is not None and args.max_tokens < 2):
+    if (args.seqlen is not None and args.seqlen < 2) or args.batch_size < 1 or (args.max_tokens is not None and args.max_tokens < 2):
         raise EvalError("--seqlen and --max-tokens must be >= 2, --batch-size >= 1")
     datasets = resolve_ppl_datasets(_csv(args.ppl_datasets))
     files = read_ppl_files(_csv(args.ppl_files), args.doc_split, reserved={d.name for d in datasets})
@@ -341,8 +355,7 @@ def run(args) -> list[dict]:
     if not files and not datasets and not tasks:
         raise EvalError("nothing to evaluate: give --ppl-files, --ppl-datasets and/or --tasks")
     models = [check_model_spec(spec) for spec in args.model]
-    for source in models:
-        check_lengths(source, args, bool(files or datasets), bool(tasks))
+    resolve_lengths(models, args, bool(files or datasets), bool(tasks))
     manager = resolve_task_manager(tasks, args.tasks_include, not args.no_builtin_tasks)
     files += read_ppl_datasets(datasets)  # last: the slow download comes after every cheap check
     buckets = sorted(set(([args.seqlen] if files else []) + (list(default_buckets(args.max_length, 64))
