@@ -44,7 +44,7 @@ from fairy2i_jax.training import setup
 from fairy2i_jax.training.config import TrainConfig, incompatible_changes
 from fairy2i_jax.training.metrics import RunLogger, mfu
 from fairy2i_jax.training.optim import make_optimizer
-from fairy2i_jax.training.reports import HeldOutLoss, global_batch, perplexity
+from fairy2i_jax.training.reports import HeldOutLoss, check_process_rows, global_batch, perplexity
 from fairy2i_jax.training.state import (
     ParamLayout,
     TrainState,
@@ -150,7 +150,8 @@ def prepare(cfg: TrainConfig) -> RunContext:
     setup.check_seq_len(cfg, setup.model_config(cfg))
     tokenizer = sources.load_source_tokenizer(source)
     train_corpus, held_out = setup.load_corpora(cfg, tokenizer)
-    return RunContext(cfg, run_dir, mesh, source, tokenizer, train_corpus, held_out, setup.test_documents(cfg), say)
+    return RunContext(cfg, run_dir, mesh, source, tokenizer, train_corpus, held_out,
+                      setup.test_documents(cfg, tokenizer), say)
 
 
 def open_run(ctx: RunContext, start_step: int) -> None:
@@ -249,9 +250,11 @@ def train_steps(ctx: RunContext, trainer: Trainer, state: TrainState, data_state
         it.set_state(data_state)
     shape = (d.global_batch, d.seq_len)
     bsh = batch_sharding(ctx.mesh, shape)
+    check_process_rows(bsh, shape)
     step_fn = jit_train_step(make_train_step(trainer.layout, trainer.tx, trainer.schedule,
                                              coordinates=cfg.optimizer.coordinates, grad_accum=cfg.train.grad_accum,
-                                             distill=cfg.distill, mesh=ctx.mesh), trainer.shardings, ctx.mesh, shape)
+                                             distill=cfg.distill, mesh=ctx.mesh, seq=cfg.mesh.seq_axis),
+                             trainer.shardings, ctx.mesh, shape)
     held_out = trainer.held_out_loss(ctx) if cfg.train.eval_every else None
 
     def save(at: int, cur_state: TrainState, cur_data) -> None:
