@@ -17,6 +17,9 @@ returns float32 logits ``[B, T, vocab]``, or ``(logits, cache)`` when a :class:`
   ``positions`` is given, positions restart at 0 at each segment start.
 * Causal by slot index, plus ``slot_q - slot_k < sliding_window`` when configured (transformers' rule).
 * ``weights``: precomputed effective weights from :meth:`CausalLM.effective_weights` (quantize once per step).
+
+Activations carry sharding constraints (:mod:`fairy2i_jax.sharding`; a no-op without a mesh): the embedding
+output and every layer boundary ``("batch", "seq", "act_embed")``, the logits :data:`LOGITS`.
 """
 
 from __future__ import annotations
@@ -28,9 +31,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fairy2i_jax.models.config import ModelConfig
-from fairy2i_jax.models.layers import LAYER_LINEARS, DecoderLayer, RMSNorm, layer_apply_fn
+from fairy2i_jax.models.layers import LAYER_LINEARS, RESIDUAL, DecoderLayer, RMSNorm, layer_apply_fn
 from fairy2i_jax.models.linear import REAL, Linear, LinearSpec
 from fairy2i_jax.models.rope import rope_cos_sin
+from fairy2i_jax.sharding import constrain
+
+LOGITS = ("batch", "seq", "vocab")
 
 LM_HEAD = "lm_head"
 
@@ -181,7 +187,7 @@ class CausalLM(nnx.Module):
             input_ids, attention_mask, positions, segment_ids, cache
         )
         cos, sin = rope_cos_sin(cfg, positions)
-        x = self.embed_tokens(input_ids).astype(cfg.compute_dtype)
+        x = constrain(self.embed_tokens(input_ids).astype(cfg.compute_dtype), RESIDUAL)
         start = None if cache is None else cache.end
         weights = weights or {}
         new_k = new_v = None
@@ -209,9 +215,9 @@ class CausalLM(nnx.Module):
                 vs.append(v)
             if cache is not None:
                 new_k, new_v = jnp.stack(ks), jnp.stack(vs)
-        x = self.norm(x)
+        x = constrain(self.norm(x), RESIDUAL)
         table = self.embed_tokens.embedding.get_value() if self.lm_head.tied else None
-        logits = self.lm_head(x, weights.get(LM_HEAD), master=table).astype(jnp.float32)
+        logits = constrain(self.lm_head(x, weights.get(LM_HEAD), master=table).astype(jnp.float32), LOGITS)
         if cache is None:
             return logits
         new_cache = KVCache(
