@@ -11,7 +11,8 @@ PACKAGE = ROOT / "fairy2i_jax"
 # Most specific prefix first; the numbers are the layers of fairy2i_jax/__init__.py's docstring.
 LAYERS = [
     ("fairy2i_jax.evaluation.cli", 11), ("fairy2i_jax.evaluation.lm_eval_cli", 11),
-    ("fairy2i_jax.training.plot", 11), ("fairy2i_jax.export", 11),
+    ("fairy2i_jax.training.plot", 11), ("fairy2i_jax.training.plan", 11), ("fairy2i_jax.export", 11),
+    ("fairy2i_jax.data.__main__", 11),
     ("fairy2i_jax.errors", 1), ("fairy2i_jax.config", 1), ("fairy2i_jax.jsonl", 1),
     ("fairy2i_jax.widely_linear", 2), ("fairy2i_jax.quant", 2), ("fairy2i_jax.packing", 2),
     ("fairy2i_jax.kernels", 3),
@@ -32,6 +33,7 @@ TEST_FILE = {
     "fairy2i_jax/export.py": "test_export_cli.py",
     "fairy2i_jax/evaluation/cli.py": "test_eval_cli.py",
     "fairy2i_jax/hf/load.py": "test_hf_load.py",
+    "fairy2i_jax/data/__main__.py": "test_data_cli.py",
 }
 
 
