@@ -19,7 +19,8 @@ returns float32 logits ``[B, T, vocab]``, or ``(logits, cache)`` when a :class:`
 * ``weights``: precomputed effective weights from :meth:`CausalLM.effective_weights` (quantize once per step).
 
 Activations carry sharding constraints (:mod:`fairy2i_jax.sharding`; a no-op without a mesh): the embedding
-output and every layer boundary ``("batch", "seq", "act_embed")``, the logits :data:`LOGITS`.
+output and every layer boundary ``("batch", "seq", "act_embed")``, the logits :data:`LOGITS`; the lookup reads
+the embedding table with its hidden dim gathered (:data:`EMBED_LOOKUP`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from fairy2i_jax.models.rope import rope_cos_sin
 from fairy2i_jax.sharding import constrain
 
 LOGITS = ("batch", "seq", "vocab")
+EMBED_LOOKUP = ("vocab", None)  # the embedding table as the lookup reads it
 
 LM_HEAD = "lm_head"
 
@@ -173,6 +175,13 @@ class CausalLM(nnx.Module):
             allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
         return mask, positions.astype(jnp.int32), key_valid, allowed
 
+    def _embed(self, input_ids: jax.Array) -> jax.Array:
+        """``nnx.Embed``'s lookup (the table in the compute dtype, ``jnp.take``) from a table whose hidden dim is
+        gathered first (:data:`EMBED_LOOKUP`), as FSDP gathers every weight before use: the rows then come out
+        sharded by batch, not by hidden."""
+        table = self.embed_tokens.embedding.get_value().astype(self.config.compute_dtype)
+        return jnp.take(constrain(table, EMBED_LOOKUP), input_ids, axis=0)
+
     def __call__(
         self,
         input_ids: jax.Array,
@@ -187,7 +196,7 @@ class CausalLM(nnx.Module):
             input_ids, attention_mask, positions, segment_ids, cache
         )
         cos, sin = rope_cos_sin(cfg, positions)
-        x = constrain(self.embed_tokens(input_ids).astype(cfg.compute_dtype), RESIDUAL)
+        x = constrain(self._embed(input_ids), RESIDUAL)
         start = None if cache is None else cache.end
         weights = weights or {}
         new_k = new_v = None
