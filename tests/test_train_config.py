@@ -98,3 +98,15 @@ def test_diverging_run_stops_naming_the_step_and_param_and_keeps_the_last_checkp
     assert "first non-finite gradient: embed_tokens.embedding" in message
     assert f"the last good checkpoint is 1 in {tmp_path / 'run' / 'checkpoints'}" in message
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["1"]
+
+
+def test_mesh_seq_and_data_entries_are_checked():
+    cfg = load_train_config(CONFIGS / "debug.yaml", ["mesh.seq=tensor", "data.train=[store:/data/tok]",
+                                                      "data.eval=[hf:allenai/c4:en:validation]"])
+    assert cfg.mesh.seq_axis == "tensor" and load_train_config(CONFIGS / "debug.yaml").mesh.seq_axis is None
+    assert cfg.data.train == ("store:/data/tok",)
+    for bad, match in (("mesh.seq=fsdp", r"mesh.seq = 'fsdp' is not one of \['none', 'tensor'\]"),
+                       ("data.train=[store:/a, b.txt]", "data.train: a store:DIR entry must be the list's only"),
+                       ("data.test=[hf::en]", "expected hf:NAME")):
+        with pytest.raises(ConfigError, match=match):
+            load_train_config(CONFIGS / "debug.yaml", [bad])

@@ -39,7 +39,13 @@ def parse_args(argv):
     t.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. data.doc_split=line")
     i = sub.add_parser("info", help="print a token store's manifest")
     i.add_argument("store", help="the store directory")
-    return p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)  # key=value overrides may come between the options too
+    stray = [r for r in rest if r.startswith("-") or "=" not in r or args.command != "tokenize"]
+    if stray:
+        p.error(f"unrecognized arguments: {' '.join(stray)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
+    return args
 
 
 def tokenize(args) -> None:

@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", action="append", choices=DEVICE_NAMES,
                    help="compare with this device only (repeatable; default: every device of the table)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. mesh.fsdp=8 train.grad_accum=2")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    args = p.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_train_config(args.config, args.overrides)
         n = args.devices if args.devices is not None else jax.device_count()
