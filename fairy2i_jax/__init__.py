@@ -10,11 +10,12 @@ Layering. Each module imports only from its own layer or the layers above it in 
 5. ``convert``: model surgery (presets, plans, conversion, frozen and teacher weights)
 6. ``hf``: Hugging Face import and export (safetensors, GGUF, tokenizers, packed format)
 7. ``runs``, ``sources``: a training run directory on disk; every model source a command accepts
-8. ``data``: corpora and the grain pipeline
+8. ``data``: documents, tokenization, the token store, the grain pipeline
 9. ``generate``, ``evaluation``: decoding, perplexity, lm-eval
 10. ``training``: config, optimizer, train state and step, loop, metrics
 11. the command lines: ``export``, ``evaluation.cli``, ``evaluation.lm_eval_cli``, ``training.plot``,
-    ``train.py``, ``eval.py`` (and this package's ``__init__``, which re-exports the public API)
+    ``training.plan``, ``data.__main__``, ``train.py``, ``eval.py`` (and this package's ``__init__``, which
+    re-exports the public API)
 """
 
 from fairy2i_jax.convert import convert, to_real

@@ -105,6 +105,7 @@ def test_mesh_seq_and_data_entries_are_checked():
                                                       "data.eval=[hf:allenai/c4:en:validation]"])
     assert cfg.mesh.seq_axis == "tensor" and load_train_config(CONFIGS / "debug.yaml").mesh.seq_axis is None
     assert cfg.data.train == ("store:/data/tok",)
+    assert load_train_config(CONFIGS / "llama2_7b_w2.yaml").data.train[0].startswith("store:")  # a store to build
     for bad, match in (("mesh.seq=fsdp", r"mesh.seq = 'fsdp' is not one of \['none', 'tensor'\]"),
                        ("data.train=[store:/a, b.txt]", "data.train: a store:DIR entry must be the list's only"),
                        ("data.test=[hf::en]", "expected hf:NAME")):

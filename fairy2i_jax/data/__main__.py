@@ -20,7 +20,7 @@ from fairy2i_jax import sources
 from fairy2i_jax.data.documents import DataError, store_entry_path
 from fairy2i_jax.data.store import read_manifest
 from fairy2i_jax.data.tokenize import tokenize_to_store
-from fairy2i_jax.errors import Fairy2iError
+from fairy2i_jax.errors import run_cli
 from fairy2i_jax.training.config import load_train_config
 
 SPLITS = ("train", "eval", "test")
@@ -67,17 +67,13 @@ def tokenize(args) -> None:
     print(f"use it with: data.{args.split}=[store:{result.path}]")
 
 
+def info(args) -> None:
+    print(read_manifest(args.store).to_json(), end="")
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        if args.command == "tokenize":
-            tokenize(args)
-        else:
-            print(read_manifest(args.store).to_json(), end="")
-    except Fairy2iError as e:
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(tokenize if args.command == "tokenize" else info, args)
 
 
 if __name__ == "__main__":

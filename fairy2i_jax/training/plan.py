@@ -38,7 +38,7 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType
 
-from fairy2i_jax.errors import CheckpointError, Fairy2iError
+from fairy2i_jax.errors import CheckpointError, Fairy2iError, run_cli
 from fairy2i_jax.models.config import ModelConfig
 from fairy2i_jax.sharding import MESH_AXES, logical_to_sharding
 from fairy2i_jax.sources import ARCHITECTURES
@@ -199,24 +199,22 @@ def main(argv=None) -> int:
     p.add_argument("--device", action="append", choices=DEVICE_NAMES,
                    help="compare with this device only (repeatable; default: every device of the table)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. mesh.fsdp=8 train.grad_accum=2")
-    args = p.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    return run_cli(_print_plan, p.parse_intermixed_args(sys.argv[1:] if argv is None else argv))
+
+
+def _print_plan(args) -> None:
+    cfg = load_train_config(args.config, args.overrides)
+    n = args.devices if args.devices is not None else jax.device_count()
+    if n < 1:
+        raise Fairy2iError(f"--devices must be >= 1, got {n}")
+    devices = [device_named(d) for d in args.device] if args.device else DEVICES
     try:
-        cfg = load_train_config(args.config, args.overrides)
-        n = args.devices if args.devices is not None else jax.device_count()
-        if n < 1:
-            raise Fairy2iError(f"--devices must be >= 1, got {n}")
-        devices = [device_named(d) for d in args.device] if args.device else DEVICES
-        try:
-            plan = plan_memory(cfg, n)
-        except (OSError, CheckpointError) as e:  # e.g. a hub id offline: the architecture is unknown here
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise Fairy2iError(f"cannot read the architecture of model.path = {cfg.model.path} ({reason}); plan "
-                               f"without it: model.path=arch:NAME, NAME one of {', '.join(ARCHITECTURES)}") from None
-        print(format_plan(plan, devices))
-    except Fairy2iError as e:
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    return 0
+        plan = plan_memory(cfg, n)
+    except (OSError, CheckpointError) as e:  # e.g. a hub id offline: the architecture is unknown here
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise Fairy2iError(f"cannot read the architecture of model.path = {cfg.model.path} ({reason}); plan "
+                           f"without it: model.path=arch:NAME, NAME one of {', '.join(ARCHITECTURES)}") from None
+    print(format_plan(plan, devices))
 
 
 if __name__ == "__main__":
