@@ -9,10 +9,17 @@ float32 masters and moments, bf16 compute, quantize once per step); they differ 
 
 Random weights (the cost does not depend on the values). Times are medians over ``--repeats`` steps after two
 warm-up steps (compilation), host timer around ``block_until_ready``. MFU = ``6 * N * tokens / time /
-(peak * devices)`` with the peak from :data:`fairy2i_jax.training.metrics.PEAK_FLOPS` (n/a on CPU).
+(peak * devices)`` with the peak from :data:`fairy2i_jax.training.devices.DEVICES` (n/a on CPU).
 
-Usage (repository root): ``python -m benchmarks.train_step --shape small`` (CPU), ``--shape 1b`` (a ~1.2B
-Llama-3.2-1B-shaped model, for a GPU), ``--batch``, ``--seq``, ``--grad-accum``, ``--remat``, ``--mesh 1,1,1``.
+The sharded path of training: the state is placed with the logical rules on the ``--mesh`` (data, fsdp, tensor)
+and the step runs under :func:`fairy2i_jax.sharding.activation_context` (activations constrained, the sequence
+over ``tensor`` with ``--seq-shard tensor``), exactly as ``train.py`` runs it. Per variant it also prints the train
+state's bytes on device 0 (from ``addressable_shards``) and, where the backend reports it, the peak memory in use
+(``memory_stats()["peak_bytes_in_use"]``), to compare with ``python -m fairy2i_jax.training.plan``.
+
+Usage (repository root): ``python -m benchmarks.train_step --shape small`` (CPU), ``--shape 1b``
+(``arch:llama3.2-1b``, 1.24B params, for a GPU), ``--batch``, ``--seq``, ``--grad-accum``, ``--remat``,
+``--mesh 1,1,1`` (default: every device on data), ``--seq-shard tensor``.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.quantizer import device_name
+from fairy2i_jax import sources
 from fairy2i_jax.convert import convert
 from fairy2i_jax.models.config import ModelConfig
 from fairy2i_jax.models.llama import init_model
@@ -41,32 +49,48 @@ SHAPES = {
                  tie_word_embeddings=False),
     # A small Llama that a 2-core CPU steps through in about a second.
     "small": dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=4, num_heads=8,
-                  num_kv_heads=4, tie_word_embeddings=False),
-    # Llama-3.2-1B: 1.24B params, tied embeddings.
-    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
-               num_kv_heads=8, tie_word_embeddings=True, rope_theta=500000.0),
+                  num_kv_heads=4, tie_word_embeddings=False, max_position_embeddings=8192),
+    # Llama-3.2-1B: 1.24B params, tied embeddings (the architecture table of fairy2i_jax.sources).
+    "1b": "arch:llama3.2-1b",
     # SmolLM2-135M (the project's default model): 135M params, tied embeddings.
-    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
-                    num_kv_heads=3, head_dim=64, tie_word_embeddings=True, rope_theta=100000.0),
+    "smollm2": "arch:smollm2-135m",
 }
 
 
+def model_config(shape: str, remat: str) -> ModelConfig:
+    layout = dict(param_dtype=jnp.float32, compute_dtype=jnp.bfloat16, scan_layers=True, remat=remat)
+    spec = SHAPES[shape]
+    return sources.model_config(spec, **layout) if isinstance(spec, str) else ModelConfig(**spec, **layout)
+
+
 def build(shape: str, preset: str, remat: str, mesh):
-    cfg = ModelConfig(**SHAPES[shape], max_position_embeddings=8192, param_dtype=jnp.float32,
-                      compute_dtype=jnp.bfloat16, scan_layers=True, remat=remat)
-    real = shard_like_params(init_model(cfg, seed=0), mesh)
+    real = shard_like_params(init_model(model_config(shape, remat), seed=0), mesh)
     return convert(real, preset)
 
 
-def time_step(model, mesh, batch: int, seq: int, grad_accum: int, repeats: int) -> tuple[float, int]:
-    """Median seconds per optimizer step and the real parameter count."""
+def state_bytes_on_device0(state) -> int:
+    """Bytes of the train state's shards on the first device (``addressable_shards``)."""
+    dev = jax.devices()[0]
+    return sum(s.data.nbytes for leaf in jax.tree.leaves(state) for s in leaf.addressable_shards if s.device == dev)
+
+
+def peak_bytes() -> int | None:
+    """``peak_bytes_in_use`` of device 0, None where the backend keeps no memory statistics (CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def time_step(model, mesh, batch: int, seq: int, grad_accum: int, repeats: int,
+              seq_axis: str | None = None) -> tuple[float, int, int]:
+    """Median seconds per optimizer step, the real parameter count and the state's bytes on device 0."""
     opt = OptimizerSection(lr=1e-5, schedule="constant", warmup_steps=0, decay_stages=(), clip_norm=2.0)
     tx, schedule = make_optimizer(opt, 100)
     layout = ParamLayout(model)
     state, shardings = init_state(layout, model, tx, "real", 0, mesh)
     n_params = param_count(state.params)
     step = jit_train_step(make_train_step(layout, tx, schedule, coordinates="real", grad_accum=grad_accum,
-                                          distill=DistillSection(), mesh=mesh), shardings, mesh, (batch, seq))
+                                          distill=DistillSection(), mesh=mesh, seq=seq_axis), shardings, mesh,
+                          (batch, seq))
     key = jax.random.key(1)
     ids = jax.random.randint(key, (batch, seq), 0, model.config.vocab_size, dtype=jnp.int32)
     data = {"input_ids": ids, "labels": ids}
@@ -79,7 +103,7 @@ def time_step(model, mesh, batch: int, seq: int, grad_accum: int, repeats: int) 
         state, metrics = step(state, data)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - start)
-    return statistics.median(times), n_params
+    return statistics.median(times), n_params, state_bytes_on_device0(state)
 
 
 def main(argv=None) -> None:
@@ -90,19 +114,24 @@ def main(argv=None) -> None:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--remat", default="none", choices=["none", "full", "dots", "dots_with_no_batch_dims"])
     p.add_argument("--mesh", default=None, help="data,fsdp,tensor (default: all devices on data)")
+    p.add_argument("--seq-shard", dest="seq_axis", default="none", choices=["none", "tensor"],
+                   help="shard the residual stream's sequence over this mesh axis (default none)")
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
     sizes = tuple(int(x) for x in args.mesh.split(",")) if args.mesh else (jax.device_count(), 1, 1)
     mesh = make_mesh(*sizes)
+    seq_axis = None if args.seq_axis == "none" else args.seq_axis
     tokens = args.batch * args.seq
     results = {}
     for name, preset in (("plain", "none"), ("qat", "w2")):
-        seconds, n = time_step(build(args.shape, preset, args.remat, mesh), mesh, args.batch, args.seq,
-                               args.grad_accum, args.repeats)
+        seconds, n, state_bytes = time_step(build(args.shape, preset, args.remat, mesh), mesh, args.batch, args.seq,
+                                            args.grad_accum, args.repeats, seq_axis)
         u = mfu(n, tokens / seconds, jax.devices()[0].device_kind, jax.device_count())
         results[name] = (seconds, n, u)
+        peak = peak_bytes()
         print(f"{name}: {seconds * 1e3:.1f} ms/step, {tokens / seconds:.0f} tokens/s, params {n / 1e6:.1f}M, "
-              f"MFU {'n/a' if u is None else f'{100 * u:.1f}%'}", flush=True)
+              f"MFU {'n/a' if u is None else f'{100 * u:.1f}%'}, train state on device 0 {state_bytes / 1e9:.3f} GB, "
+              f"peak memory {'n/a' if peak is None else f'{peak / 1e9:.2f} GB'}", flush=True)
     ratio = results["qat"][0] / results["plain"][0]
     fmt = lambda u: "n/a" if u is None else f"{100 * u:.1f}%"
     print(f"| {device_name()} | jax {jax.__version__} | {args.shape} ({results['plain'][1] / 1e6:.1f}M) | "

@@ -10,13 +10,13 @@ Layering. Each module imports only from its own layer or the layers above it in 
 5. ``convert``, ``runs``: model surgery (presets, plans, conversion, frozen and teacher weights); a training run
    directory on disk (layout, checkpoints, summary)
 6. ``hf``: Hugging Face import and export (safetensors, GGUF, tokenizers, packed format)
-7. ``sources``: every model source a command accepts
-8. ``data``: corpora and the grain pipeline
+7. ``runs``, ``sources``: a training run directory on disk; every model source a command accepts
+8. ``data``: documents, tokenization, the token store, the grain pipeline
 9. ``generate``, ``evaluation``: decoding, perplexity, lm-eval
 10. ``training``: config, optimizer, train state and step, loop, metrics
 11. the command lines: ``train``, ``export``, ``generate.__main__``, ``evaluation.cli``, ``evaluation.lm_eval_cli``,
-    ``training.plot``
-    (and the top-level ``train.py`` / ``eval.py``; this package's ``__init__`` re-exports the public API)
+    ``training.plot``, ``training.plan``, ``data.__main__`` (and the top-level ``train.py`` / ``eval.py``; this
+    package's ``__init__`` re-exports the public API)
 """
 
 from fairy2i_jax.convert import convert, to_real

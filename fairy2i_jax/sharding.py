@@ -13,13 +13,25 @@ rows of U they form; recomposing A is a cheap elementwise op that XLA turns into
 layout can revisit this for the packed kernels.)
 
 A mesh axis is dropped from a dim (that dim replicated) when the dim is not divisible by the axis size, and a
-mesh axis is used at most once per array.
+mesh axis is used at most once per array (the first dim that asks for it gets it).
+
+Activations. The model constrains its activations at its boundaries with :func:`constrain` (a no-op without a
+mesh): the residual stream ``[B, T, hidden]`` is ``("batch", "seq", "act_embed")`` (batch over data x fsdp, the
+hidden dim replicated), attention ``q / k / v [B, T, heads, head_dim]`` ``("batch", None, "heads" / "kv_heads",
+"head_dim")``, the MLP's ``[B, T, ffn]`` ``("batch", None, "mlp")`` (heads and ffn over tensor), logits
+``("batch", "seq", "vocab")``, KV caches ``("batch", "cache_len", "kv_heads", "head_dim")``. Inside a jitted
+function :func:`activation_context` makes the mesh and any rule overrides visible to those calls (the train and
+eval steps enter it). Sequence sharding is the ``seq`` rule, off (None) by default; ``activation_context(mesh,
+seq="tensor")`` shards the residual stream's sequence over ``tensor`` (sequence parallelism: attention and MLP
+interiors keep the full sequence, with heads / ffn over tensor), set by the ``mesh.seq`` config key.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
-from typing import Any, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -33,8 +45,9 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # logical name -> mesh axes (None = replicated). One table for params, activations and caches.
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),  # activations and caches: batch over data x fsdp
-    ("seq", None),
+    ("seq", None),  # the residual stream's sequence (off; activation_context(seq=...) turns it on)
     ("cache_len", None),
+    ("act_embed", None),  # hidden dim of activations (replicated)
     ("embed", "fsdp"),  # hidden dim of weights (ZeRO-3 style)
     ("vocab", "tensor"),
     ("heads", "tensor"),  # num_heads * head_dim (q_proj out, o_proj in)
@@ -45,6 +58,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("layers", None),  # stacked (scanned) layer axis
 )
 _RULES = dict(LOGICAL_AXIS_RULES)
+_OVERRIDES: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar("axis_rule_overrides", default={})
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
@@ -69,7 +83,8 @@ def _mesh_axes_of(name: str | None) -> tuple[str, ...]:
         return ()
     if name not in _RULES:
         raise ValueError(f"logical axis {name!r} has no rule; known: {', '.join(_RULES)}")
-    target = _RULES[name]
+    overrides = _OVERRIDES.get()
+    target = overrides[name] if name in overrides else _RULES[name]
     if target is None:
         return ()
     return (target,) if isinstance(target, str) else tuple(target)
@@ -127,6 +142,32 @@ def shard_like_params(model: nnx.Module, mesh: Mesh) -> nnx.Module:
         if isinstance(variable, nnx.Variable) and hasattr(variable.get_value(), "shape"):
             variable.set_value(jax.device_put(variable.get_value(), variable_sharding(variable, mesh)))
     return model
+
+
+@contextlib.contextmanager
+def axis_rules(**overrides: Any) -> Iterator[None]:
+    """Override rules of :data:`LOGICAL_AXIS_RULES` inside the block, e.g. ``axis_rules(seq="tensor")`` (a mesh
+    axis, a tuple of them, or None). Enter it inside the traced function (as :func:`activation_context` does),
+    so the jit cache keys on the function that holds it."""
+    unknown = sorted(set(overrides) - set(_RULES))
+    if unknown:
+        raise ValueError(f"no logical axis rule named {unknown}; known: {', '.join(_RULES)}")
+    token = _OVERRIDES.set({**_OVERRIDES.get(), **overrides})
+    try:
+        yield
+    finally:
+        _OVERRIDES.reset(token)
+
+
+@contextlib.contextmanager
+def activation_context(mesh: Mesh | None, seq: str | None = None) -> Iterator[None]:
+    """Inside a jitted function: :func:`constrain` calls (the model's activations) see ``mesh``'s abstract mesh,
+    and the ``seq`` rule is ``seq`` (None = off). A no-op block when ``mesh`` is None."""
+    if mesh is None:
+        yield
+        return
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), axis_rules(seq=seq):
+        yield
 
 
 def constrain(x: jax.Array, names: Sequence[str | None], mesh: Mesh | None = None) -> jax.Array:

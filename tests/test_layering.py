@@ -11,8 +11,8 @@ PACKAGE = ROOT / "fairy2i_jax"
 # Most specific prefix first; the numbers are the layers of fairy2i_jax/__init__.py's docstring.
 LAYERS = [
     ("fairy2i_jax.evaluation.cli", 11), ("fairy2i_jax.evaluation.lm_eval_cli", 11),
-    ("fairy2i_jax.training.plot", 11), ("fairy2i_jax.export", 11), ("fairy2i_jax.train", 11),
-    ("fairy2i_jax.generate.__main__", 11),
+    ("fairy2i_jax.training.plot", 11), ("fairy2i_jax.training.plan", 11), ("fairy2i_jax.export", 11),
+    ("fairy2i_jax.train", 11), ("fairy2i_jax.generate.__main__", 11), ("fairy2i_jax.data.__main__", 11),
     ("fairy2i_jax.errors", 1), ("fairy2i_jax.config", 1), ("fairy2i_jax.jsonl", 1),
     ("fairy2i_jax.widely_linear", 2), ("fairy2i_jax.quant", 2), ("fairy2i_jax.packing", 2),
     ("fairy2i_jax.kernels", 3),
@@ -38,6 +38,7 @@ TEST_FILE = {
     "fairy2i_jax/generate/__main__.py": "test_generate_cli.py",
     **{f"fairy2i_jax/kernels/{m}.py": "test_kernels.py" for m in ("api", "base", "decode", "layout", "reference", "xla")},
     **{f"fairy2i_jax/kernels/{m}.py": "test_kernels_pallas.py" for m in ("pallas_gpu", "pallas_tpu")},
+    "fairy2i_jax/data/__main__.py": "test_data_cli.py",
 }
 
 

@@ -179,9 +179,10 @@ def test_diverging_run_stops_naming_the_step_and_param_and_keeps_the_last_checkp
 
 # Two CPU processes on loopback as two hosts (4 fake devices each, jax.distributed over 127.0.0.1) train 3 steps
 # of the debug config and match one process with 8 devices. Each host reads only its own rows of every global
-# batch; the global array is assembled with ``jax.make_array_from_process_local_data``. The two runs put the same
-# rows in a different order on the 8 devices (host-major vs one host), so the gradient sums are reduced in a
-# different order: losses agree to float32 rounding (relative 1e-5), not bit for bit.
+# batch (a contiguous block); the global array is assembled with ``jax.make_array_from_process_local_data`` and
+# holds the same rows on the same devices as the one-process run, but the gradient sums are reduced across
+# processes (gloo) in another order than within one: losses agree to float32 rounding (relative 1e-5), not bit
+# for bit.
 MULTIHOST_ARGS = ["train.steps=3", "train.checkpoint_every=0", "train.eval_batches=1", "data.global_batch=16",
                   "train.grad_accum=1", "mesh.data=-1", "mesh.fsdp=1", "export.format=none"]
 

@@ -59,6 +59,9 @@ def test_official_chunks_hand_made(tok):
     assert [c.tolist() for c in chunks] == expected
     assert all(len(c) <= seqlen and c[0] == bos for c in chunks)
     assert len(chunks[2]) == seqlen
+    # items already encoded (a token store's documents without their EOS) pack the same way
+    encoded = [np.asarray(_enc(tok, t), dtype=np.int32) for t in texts]
+    assert [c.tolist() for c in official_packed_chunks(encoded, tok, seqlen)] == expected
 
 
 def test_official_masks_after_eos(tok):

@@ -126,3 +126,23 @@ def test_every_bad_source_is_one_clear_error(tmp_path, hf_dir, monkeypatch):
     with pytest.raises(sources.SourceError, match="a checkpoint step applies to training run directories"):
         sources.resolve(str(hf_dir), step=3)
     assert issubclass(sources.SourceError, Fairy2iError) and issubclass(RunDirError, Fairy2iError)
+
+
+def test_arch_source_is_an_architecture_without_weights():
+    """``arch:NAME``: the published config.json fields, for plans and shape benchmarks; loading is refused."""
+    source = sources.resolve("arch:llama2-7b")
+    assert source.kind == "arch" and source.path is None
+    mc = sources.model_config(source, compute_dtype="bfloat16", scan_layers=True, remat="full")
+    assert (mc.vocab_size, mc.hidden_size, mc.intermediate_size, mc.num_layers, mc.num_heads, mc.num_kv_heads,
+            mc.head_dim, mc.max_position_embeddings) == (32000, 4096, 11008, 32, 32, 32, 128, 4096)
+    assert (mc.tie_word_embeddings, mc.rms_norm_eps, mc.eos_token_id, mc.remat) == (False, 1e-5, 2, "full")
+    small = sources.model_config("arch:smollm2-135m")
+    assert (small.hidden_size, small.num_layers, small.num_heads, small.num_kv_heads, small.tie_word_embeddings,
+            small.rope_theta) == (576, 30, 9, 3, True, 1e5)  # the SmolLM2 GGUF's architecture (data README)
+    one_b = sources.model_config("arch:llama3.2-1b")
+    assert one_b.rope_scaling.rope_type == "llama3" and one_b.head_dim == 64 and one_b.tie_word_embeddings
+    for load in (sources.load_model, sources.load_source_tokenizer):
+        with pytest.raises(sources.SourceError, match="architecture without .*training.plan"):
+            load("arch:llama2-7b")
+    with pytest.raises(sources.SourceError, match="unknown architecture 'llama9'; known: arch:llama2-7b"):
+        sources.resolve("arch:llama9")

@@ -39,3 +39,16 @@ def test_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
         load_train_config(CONFIGS / "debug.yaml", [override])
     assert message in str(e.value)
+
+
+def test_mesh_seq_and_data_entries_are_checked():
+    cfg = load_train_config(CONFIGS / "debug.yaml", ["mesh.seq=tensor", "data.train=[store:/data/tok]",
+                                                      "data.eval=[hf:allenai/c4:en:validation]"])
+    assert cfg.mesh.seq_axis == "tensor" and load_train_config(CONFIGS / "debug.yaml").mesh.seq_axis is None
+    assert cfg.data.train == ("store:/data/tok",)
+    assert load_train_config(CONFIGS / "llama2_7b_w2.yaml").data.train[0].startswith("store:")  # a store to build
+    for bad, match in (("mesh.seq=fsdp", r"mesh.seq = 'fsdp' is not one of \['none', 'tensor'\]"),
+                       ("data.train=[store:/a, b.txt]", "data.train: a store:DIR entry must be the list's only"),
+                       ("data.test=[hf::en]", "expected hf:NAME")):
+        with pytest.raises(ConfigError, match=match):
+            load_train_config(CONFIGS / "debug.yaml", [bad])

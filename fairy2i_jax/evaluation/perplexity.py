@@ -98,7 +98,8 @@ def encode_many(tokenizer, texts: Sequence[str], add_special_tokens: bool = Fals
 def official_packed_chunks(texts: Sequence[str], tokenizer, seqlen: int, source: str = "texts") -> list[np.ndarray]:
     """Official greedy packing (module docstring): chunks of <= seqlen ids, each `[BOS] + item + item + ...`.
 
-    `texts`: the items (use `wikitext_lines` for WikiText-2, the documents for C4); empty strings are skipped.
+    `texts`: the items (use `wikitext_lines` for WikiText-2, the documents for C4), or items already encoded
+    (int sequences, e.g. a token store's documents without their EOS); empty items are skipped.
     Every item is `encode(item, add_special_tokens=False) + [EOS]`; items with more than `seqlen - 1` tokens
     (EOS included; `seqlen` when the tokenizer has no BOS) are dropped. The last partial chunk is kept.
     """
@@ -106,13 +107,14 @@ def official_packed_chunks(texts: Sequence[str], tokenizer, seqlen: int, source:
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
     if eos is None:
         raise ValueError(f"the tokenizer has no EOS token; the official protocol ends every item of {source} with EOS")
-    items = [t for t in texts if t != ""]
+    items = [t for t in texts if len(t)]
     if not items:
         raise ValueError(f"no text to evaluate in {source}: it is empty or holds only empty strings")
     head = [] if bos is None else [bos]
     capacity = seqlen - len(head)
     chunks, current = [], list(head)
-    for ids in encode_many(tokenizer, items):
+    encoded = encode_many(tokenizer, items) if isinstance(items[0], str) else [[int(i) for i in t] for t in items]
+    for ids in encoded:
         item = ids + [eos]
         if len(item) > capacity:
             continue

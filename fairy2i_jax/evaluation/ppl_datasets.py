@@ -17,17 +17,15 @@ cache, later uses (and offline mode, HF_HUB_OFFLINE=1) read that cache.
 from __future__ import annotations
 
 import importlib
-import os
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from fairy2i_jax.data import OFFLINE_VARIABLES, dataset_texts, load_hf_dataset
 from fairy2i_jax.errors import Fairy2iError
-from fairy2i_jax.data import dataset_texts, load_hf_dataset
+from fairy2i_jax.hf.hub import offline_variables as hub_offline_variables
 from fairy2i_jax.evaluation.perplexity import wikitext_lines
 
 DOCUMENT_RULES = ("lines", "records")
-OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-_TRUE = ("1", "true", "yes", "on")
 
 
 class PplDatasetError(Fairy2iError, ValueError):
@@ -98,9 +96,8 @@ def dataset_documents(ds, spec: PplDataset) -> list[str]:
 
 
 def offline_variables(environ: dict | None = None) -> list[str]:
-    """`NAME=value` of every HF offline variable set to a true value (1, true, yes, on)."""
-    environ = os.environ if environ is None else environ
-    return [f"{k}={environ[k]}" for k in OFFLINE_VARIABLES if environ.get(k, "").strip().lower() in _TRUE]
+    """`NAME=value` of every `datasets` offline variable (`OFFLINE_VARIABLES`) set to a true value."""
+    return hub_offline_variables(OFFLINE_VARIABLES, environ)
 
 
 def load_documents(spec: PplDataset) -> list[str]:

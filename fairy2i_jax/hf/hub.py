@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Mapping, Sequence
 
 from fairy2i_jax.errors import Fairy2iError
 
@@ -22,13 +23,17 @@ class HubError(Fairy2iError, RuntimeError):
     """The hub cannot be reached or refused the upload (the message says which)."""
 
 
+def offline_variables(names: Sequence[str] = OFFLINE_VARS, environ: Mapping[str, str] | None = None) -> list[str]:
+    """``NAME=value`` of every variable of ``names`` set to a true value (``1``, ``ON``, ``YES``, ``TRUE``, any
+    case) in ``environ`` (default ``os.environ``, read at call time: huggingface_hub reads it once, at import)."""
+    environ = os.environ if environ is None else environ
+    return [f"{k}={environ[k]}" for k in names if environ.get(k, "").strip().upper() in _TRUE]
+
+
 def hub_offline() -> str | None:
-    """The name of the first offline variable that is set to a true value (``1``, ``ON``, ``YES``, ``TRUE``), else
-    None. Read at call time (huggingface_hub reads it once, at import)."""
-    for var in OFFLINE_VARS:
-        if os.environ.get(var, "").strip().upper() in _TRUE:
-            return var
-    return None
+    """The name of the first of :data:`OFFLINE_VARS` that is set to a true value, else None."""
+    found = offline_variables()
+    return found[0].split("=", 1)[0] if found else None
 
 
 def check_online(repo_id: str) -> None:

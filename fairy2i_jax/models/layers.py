@@ -4,6 +4,10 @@ Every module takes ``stack``: a leading shape (``(num_layers,)`` when the layers
 params, whose logical names then start with ``"layers"``. Inside ``jax.lax.scan`` the modules are merged from
 one slice of the stacked state, so their forward never sees the leading axis.
 
+Activations are constrained to their logical axes (:func:`fairy2i_jax.sharding.constrain`, a no-op without a
+mesh): the residual stream at every layer boundary (:data:`RESIDUAL`), q / k / v per head, the attention output
+and the MLP's inner activations (heads and ffn over ``tensor``), the KV cache (``cache_len``).
+
 Numerics follow transformers: RMSNorm statistics in float32 (``x * rsqrt(mean(x^2) + eps)``, cast back to the
 activation dtype, then times the weight), attention scores ``(q k^T) * head_dim^-0.5`` accumulated in float32,
 masked, softmax in float32, probabilities cast to the compute dtype before ``p v``.
@@ -21,6 +25,7 @@ from fairy2i_jax.kernels import packed_matmul_fused
 from fairy2i_jax.models.config import REMAT_POLICIES, ModelConfig
 from fairy2i_jax.models.linear import REAL, Linear, LinearSpec
 from fairy2i_jax.models.rope import apply_rope
+from fairy2i_jax.sharding import constrain
 
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
@@ -37,6 +42,14 @@ def _fused(weights: Mapping, name: str, x: jax.Array, linears: Sequence[Linear])
     outs = packed_matmul_fused(x.astype(linears[0].compute_dtype), weights[name])
     return [lin.add_bias(y.astype(lin.compute_dtype)) for lin, y in zip(linears, outs)]
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)  # like transformers: a fully masked row stays finite (uniform)
+# Logical axes of activations (fairy2i_jax.sharding): the residual stream [B, T, hidden]; attention and MLP
+# interiors keep the whole sequence (seq None), their heads / ffn dims go over tensor.
+RESIDUAL = ("batch", "seq", "act_embed")
+Q_HEADS = ("batch", None, "heads", "head_dim")
+KV_HEADS = ("batch", None, "kv_heads", "head_dim")
+KV_CACHE = ("batch", "cache_len", "kv_heads", "head_dim")
+ATTN_OUT = ("batch", None, "heads")
+MLP_HIDDEN = ("batch", None, "mlp")
 
 
 def _lead(stack: tuple[int, ...]) -> tuple[str, ...]:
@@ -118,9 +131,9 @@ class Attention(nnx.Module):
         q, k, v = _fused(w, "self_attn.qkv", x, (self.q_proj, self.k_proj, self.v_proj)) or (
             self.q_proj(x, w.get("self_attn.q_proj")), self.k_proj(x, w.get("self_attn.k_proj")),
             self.v_proj(x, w.get("self_attn.v_proj")))
-        q = q.reshape(batch, t_len, self.num_heads, self.head_dim)
-        k = k.reshape(batch, t_len, self.num_kv_heads, self.head_dim)
-        v = v.reshape(batch, t_len, self.num_kv_heads, self.head_dim)
+        q = constrain(q.reshape(batch, t_len, self.num_heads, self.head_dim), Q_HEADS)
+        k = constrain(k.reshape(batch, t_len, self.num_kv_heads, self.head_dim), KV_HEADS)
+        v = constrain(v.reshape(batch, t_len, self.num_kv_heads, self.head_dim), KV_HEADS)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -129,8 +142,10 @@ class Attention(nnx.Module):
             zero = jnp.zeros((), jnp.int32)
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (zero, cache_start, zero, zero))
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (zero, cache_start, zero, zero))
+            k, v = constrain(k, KV_CACHE), constrain(v, KV_CACHE)
         out = attend(q, k.astype(q.dtype), v.astype(q.dtype), allowed)
-        out = self.o_proj(out.reshape(batch, t_len, self.num_heads * self.head_dim), w.get("self_attn.o_proj"))
+        out = constrain(out.reshape(batch, t_len, self.num_heads * self.head_dim), ATTN_OUT)
+        out = self.o_proj(out, w.get("self_attn.o_proj"))
         return out, (k, v)
 
 
@@ -147,7 +162,8 @@ class MLP(nnx.Module):
         w = weights or {}
         gate, up = _fused(w, "mlp.gate_up", x, (self.gate_proj, self.up_proj)) or (
             self.gate_proj(x, w.get("mlp.gate_proj")), self.up_proj(x, w.get("mlp.up_proj")))
-        return self.down_proj(jax.nn.silu(gate) * up, w.get("mlp.down_proj"))
+        gate, up = constrain(gate, MLP_HIDDEN), constrain(up, MLP_HIDDEN)
+        return self.down_proj(constrain(jax.nn.silu(gate) * up, MLP_HIDDEN), w.get("mlp.down_proj"))
 
 
 class DecoderLayer(nnx.Module):
@@ -178,8 +194,8 @@ class DecoderLayer(nnx.Module):
         attn_out, kv = self.self_attn(
             self.input_layernorm(x), cos, sin, allowed, weights=weights, kv_cache=kv_cache, cache_start=cache_start
         )
-        h = x + attn_out
-        return h + self.mlp(self.post_attention_layernorm(h), weights), kv
+        h = constrain(x + attn_out, RESIDUAL)
+        return constrain(h + self.mlp(self.post_attention_layernorm(h), weights), RESIDUAL), kv
 
 
 REMAT_POLICY_FNS = {  # every name of models.config.RematPolicy but "none"

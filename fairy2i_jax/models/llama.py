@@ -17,6 +17,10 @@ returns float32 logits ``[B, T, vocab]``, or ``(logits, cache)`` when a :class:`
   ``positions`` is given, positions restart at 0 at each segment start.
 * Causal by slot index, plus ``slot_q - slot_k < sliding_window`` when configured (transformers' rule).
 * ``weights``: precomputed effective weights from :meth:`CausalLM.effective_weights` (quantize once per step).
+
+Activations carry sharding constraints (:mod:`fairy2i_jax.sharding`; a no-op without a mesh): the embedding
+output and every layer boundary ``("batch", "seq", "act_embed")``, the logits :data:`LOGITS`; the lookup reads
+the embedding table with its hidden dim gathered (:data:`EMBED_LOOKUP`).
 """
 
 from __future__ import annotations
@@ -29,9 +33,13 @@ from flax import nnx
 
 from fairy2i_jax.models.config import ModelConfig
 from fairy2i_jax.kernels import prepare
-from fairy2i_jax.models.layers import FUSED_LINEARS, LAYER_LINEARS, DecoderLayer, RMSNorm, layer_apply_fn
+from fairy2i_jax.models.layers import FUSED_LINEARS, LAYER_LINEARS, RESIDUAL, DecoderLayer, RMSNorm, layer_apply_fn
 from fairy2i_jax.models.linear import REAL, Linear, LinearSpec, prepare_weight
 from fairy2i_jax.models.rope import rope_cos_sin
+from fairy2i_jax.sharding import constrain
+
+LOGITS = ("batch", "seq", "vocab")
+EMBED_LOOKUP = ("vocab", None)  # the embedding table as the lookup reads it
 
 LM_HEAD = "lm_head"
 
@@ -186,6 +194,13 @@ class CausalLM(nnx.Module):
             allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
         return mask, positions.astype(jnp.int32), key_valid, allowed
 
+    def _embed(self, input_ids: jax.Array) -> jax.Array:
+        """``nnx.Embed``'s lookup (the table in the compute dtype, ``jnp.take``) from a table whose hidden dim is
+        gathered first (:data:`EMBED_LOOKUP`), as FSDP gathers every weight before use: the rows then come out
+        sharded by batch, not by hidden."""
+        table = self.embed_tokens.embedding.get_value().astype(self.config.compute_dtype)
+        return jnp.take(constrain(table, EMBED_LOOKUP), input_ids, axis=0)
+
     def __call__(
         self,
         input_ids: jax.Array,
@@ -200,7 +215,7 @@ class CausalLM(nnx.Module):
             input_ids, attention_mask, positions, segment_ids, cache
         )
         cos, sin = rope_cos_sin(cfg, positions)
-        x = self.embed_tokens(input_ids).astype(cfg.compute_dtype)
+        x = constrain(self._embed(input_ids), RESIDUAL)
         start = None if cache is None else cache.end
         weights = weights or {}
         new_k = new_v = None
@@ -228,9 +243,9 @@ class CausalLM(nnx.Module):
                 vs.append(v)
             if cache is not None:
                 new_k, new_v = jnp.stack(ks), jnp.stack(vs)
-        x = self.norm(x)
+        x = constrain(self.norm(x), RESIDUAL)
         table = self.embed_tokens.embedding.get_value() if self.lm_head.tied else None
-        logits = self.lm_head(x, weights.get(LM_HEAD), master=table).astype(jnp.float32)
+        logits = constrain(self.lm_head(x, weights.get(LM_HEAD), master=table).astype(jnp.float32), LOGITS)
         if cache is None:
             return logits
         new_cache = KVCache(

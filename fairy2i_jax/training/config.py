@@ -27,7 +27,7 @@ from typing import Iterable, Literal
 
 from fairy2i_jax.config import ConfigError, LocalPath, check_choices, load_config
 from fairy2i_jax.convert import QuantSection
-from fairy2i_jax.data import DocSplit
+from fairy2i_jax.data import HF_PREFIX, DocSplit, parse_hf_entry, store_entry_path
 from fairy2i_jax.hf.export import ExportFormat
 from fairy2i_jax.models.config import DtypeName
 from fairy2i_jax.sources import ModelSection
@@ -47,16 +47,25 @@ def _check(condition: bool, message: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class MeshSection:
-    """Device mesh ``(data, fsdp, tensor)``; one axis may be -1 = all remaining devices."""
+    """Device mesh ``(data, fsdp, tensor)``; one axis may be -1 = all remaining devices. ``seq``: the mesh axis
+    the residual stream's sequence is sharded over (``none`` = off; ``tensor`` = sequence parallelism), see
+    :mod:`fairy2i_jax.sharding`."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    seq: Literal["none", "tensor"] = "none"
+
+    @property
+    def seq_axis(self) -> str | None:
+        """The ``seq`` rule: a mesh axis name, or None when off."""
+        return None if self.seq == "none" else self.seq
 
     def __post_init__(self):
         sizes = (self.data, self.fsdp, self.tensor)
         _check(all(s == -1 or s >= 1 for s in sizes), f"mesh sizes must be >= 1 or -1, got {sizes}")
         _check(sizes.count(-1) <= 1, f"at most one mesh axis may be -1, got {sizes}")
+        check_choices(self, "mesh")
 
     def resolve(self, num_devices: int) -> tuple[int, int, int]:
         """The concrete ``(data, fsdp, tensor)`` for ``num_devices`` (-1 takes the remaining devices)."""
@@ -76,7 +85,9 @@ class MeshSection:
 
 @dataclasses.dataclass(frozen=True)
 class DataSection:
-    """Training / held-out / test text files (see :mod:`fairy2i_jax.data`)."""
+    """Training / held-out / test data: each a list of entries (:mod:`fairy2i_jax.data.documents`): local files
+    or directories, ``hf:NAME[:CONFIG][:SPLIT]`` datasets (streamed, online only), or one ``store:DIR`` token
+    store (``python -m fairy2i_jax.data tokenize``; then ``doc_split`` / ``text_key`` must be the store's)."""
 
     train: tuple[LocalPath, ...] = (f"{AUSTEN}/train",)
     eval: tuple[LocalPath, ...] = (f"{AUSTEN}/validation",)
@@ -89,6 +100,12 @@ class DataSection:
 
     def __post_init__(self):
         _check(len(self.train) > 0, "data.train lists no file")
+        for key in ("train", "eval", "test"):
+            entries = getattr(self, key)
+            store_entry_path(entries, f"data.{key}")
+            for entry in entries:
+                if entry.startswith(HF_PREFIX):
+                    parse_hf_entry(entry)
         check_choices(self, "data")
         _check(self.seq_len >= 2, f"data.seq_len must be >= 2, got {self.seq_len}")
         _check(self.global_batch >= 1, f"data.global_batch must be >= 1, got {self.global_batch}")
@@ -228,7 +245,7 @@ class TrainConfig:
 # Keys that may change between a run and its resumption (everything else must match the saved config).
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
                      "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "train.run_dir",
-                     "mesh.data", "mesh.fsdp", "mesh.tensor", "eval.ppl_max_tokens", "eval.ppl_seq_len",
+                     "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.seq", "eval.ppl_max_tokens", "eval.ppl_seq_len",
                      "eval.ppl_batch", "eval.ppl_before", "export.format", "export.dtype", "export.dir")
 
 

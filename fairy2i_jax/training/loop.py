@@ -44,7 +44,7 @@ from fairy2i_jax.training import setup
 from fairy2i_jax.training.config import TrainConfig, incompatible_changes
 from fairy2i_jax.training.metrics import RunLogger, mfu
 from fairy2i_jax.training.optim import make_optimizer
-from fairy2i_jax.training.reports import HeldOutLoss, global_batch, perplexity
+from fairy2i_jax.training.reports import HeldOutLoss, check_process_rows, global_batch, perplexity
 from fairy2i_jax.training.state import (
     ParamLayout,
     TrainState,
@@ -173,7 +173,8 @@ def prepare(cfg: TrainConfig) -> RunContext:
     setup.check_corpus_fits(cfg, train_corpus)
     if cfg.optimizer.lr == 0:
         say("warning: optimizer.lr = 0: the steps run but no weight changes")
-    return RunContext(cfg, run_dir, mesh, source, tokenizer, train_corpus, held_out, setup.test_documents(cfg), say)
+    return RunContext(cfg, run_dir, mesh, source, tokenizer, train_corpus, held_out,
+                      setup.test_documents(cfg, tokenizer), say)
 
 
 def export_target(cfg: TrainConfig, run_dir: Path) -> Path:
@@ -295,9 +296,11 @@ def train_steps(ctx: RunContext, trainer: Trainer, state: TrainState, data_state
         it.set_state(data_state)
     shape = (d.global_batch, d.seq_len)
     bsh = batch_sharding(ctx.mesh, shape)
+    check_process_rows(bsh, shape)
     step_fn = jit_train_step(make_train_step(trainer.layout, trainer.tx, trainer.schedule,
                                              coordinates=cfg.optimizer.coordinates, grad_accum=cfg.train.grad_accum,
-                                             distill=cfg.distill, mesh=ctx.mesh), trainer.shardings, ctx.mesh, shape)
+                                             distill=cfg.distill, mesh=ctx.mesh, seq=cfg.mesh.seq_axis),
+                             trainer.shardings, ctx.mesh, shape)
     held_out = trainer.held_out_loss(ctx) if cfg.train.eval_every else None
 
     def save(at: int, cur_state: TrainState, cur_data) -> None:

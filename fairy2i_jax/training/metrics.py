@@ -6,7 +6,8 @@
 * TensorBoard: scalar summaries (``train/<metric>``, ``eval/<metric>``) through ``tensorboardX.SummaryWriter``
   in ``<run_dir>/tensorboard`` (imported lazily: without tensorboardX a warning, and no event files).
 * MFU = ``6 * N * tokens / s / (peak_flops_per_device * devices)`` with ``N`` the real parameter count; the peak
-  is looked up by ``device_kind`` in :data:`PEAK_FLOPS` (dense bf16); unknown devices (CPU) report ``None``.
+  is looked up by ``device_kind`` in :data:`fairy2i_jax.training.devices.DEVICES` (dense bf16); unknown devices
+  (CPU) report ``None``.
 """
 
 from __future__ import annotations
@@ -16,21 +17,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from fairy2i_jax.training.devices import device_of_kind
+
 logger = logging.getLogger(__name__)
-
-# Dense bf16 peak FLOP/s per device, matched by substring of jax's device_kind (first match wins).
-PEAK_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("TPU v4", 275e12), ("TPU v5 lite", 197e12),
-    ("TPU v5e", 197e12), ("TPU v5p", 459e12), ("TPU v5", 459e12), ("TPU v6", 918e12),
-)
-
 
 def peak_flops(device_kind: str) -> float | None:
     """Dense bf16 peak FLOP/s of one device of ``device_kind`` (None when unknown, e.g. CPU)."""
-    for key, value in PEAK_FLOPS:
-        if key.lower() in device_kind.lower():
-            return value
-    return None
+    device = device_of_kind(device_kind)
+    return None if device is None else device.peak_flops
 
 
 def mfu(param_count: int, tokens_per_s: float, device_kind: str, num_devices: int) -> float | None:

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 
 from fairy2i_jax.data import eval_dataset
+from fairy2i_jax.errors import Fairy2iError
 from fairy2i_jax.hf.tokenizer import pad_token_id
 from fairy2i_jax.training.config import TrainConfig
 from fairy2i_jax.training.step import batch_sharding, make_eval_fns
@@ -16,7 +17,21 @@ def global_batch(local: dict[str, np.ndarray], sharding, global_shape) -> dict[s
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v), global_shape) for k, v in local.items()}
 
 
-def perplexity(model, tokenizer, documents: list[str], cfg: TrainConfig, progress: bool = False) -> float | None:
+def check_process_rows(sharding, global_shape) -> None:
+    """:class:`~fairy2i_jax.errors.Fairy2iError` unless this process's devices hold rows ``h*L .. (h+1)*L - 1`` of
+    a global batch (``L`` = rows per host), the rows :mod:`fairy2i_jax.data.pipeline` gives host ``h``: true on
+    meshes built from ``jax.devices()`` (process-major)."""
+    n, h = jax.process_count(), jax.process_index()
+    rows = sorted({r for idx in sharding.addressable_devices_indices_map(tuple(global_shape)).values()
+                   for r in range(*idx[0].indices(global_shape[0]))})
+    per = global_shape[0] // n
+    if rows != list(range(h * per, (h + 1) * per)):
+        raise Fairy2iError(f"process {h} of {n}: the mesh puts this process's devices at global batch rows "
+                           f"{rows[:3]}..{rows[-3:]}, but its data are rows {h * per}..{(h + 1) * per - 1}; build the "
+                           "mesh from jax.devices() in order (process-major)")
+
+
+def perplexity(model, tokenizer, documents: list, cfg: TrainConfig, progress: bool = False) -> float | None:
     """Official packed perplexity (corrected: per scored token) on the first ``eval.ppl_max_tokens`` tokens
     of the test documents (whole chunks until the cap is reached); None when disabled or multi-process."""
     from fairy2i_jax.evaluation.logits import jax_logits_fn
@@ -52,7 +67,8 @@ class HeldOutLoss:
         self.corpus, self.cfg = corpus, cfg
         self.shape = (self.batch, cfg.data.seq_len)
         self.sharding = batch_sharding(mesh, self.shape)
-        self.weights_fn, self.eval_fn = make_eval_fns(layout, shardings, mesh, self.shape)
+        check_process_rows(self.sharding, self.shape)
+        self.weights_fn, self.eval_fn = make_eval_fns(layout, shardings, mesh, self.shape, seq=cfg.mesh.seq_axis)
 
     def __call__(self, params) -> float:
         ds = eval_dataset(self.corpus, seq_len=self.cfg.data.seq_len, global_batch=self.batch,

@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 from fairy2i_jax import sources
 from fairy2i_jax.config import ConfigError
 from fairy2i_jax.convert import convert, resolve_plan
-from fairy2i_jax.data import TokenizedCorpus, check_fits_one_batch, load_corpus, read_documents
+from fairy2i_jax.data import TokenizedCorpus, check_fits_one_batch, entry_documents, load_corpus, store_entry_path
 from fairy2i_jax.models.config import ModelConfig
 from fairy2i_jax.models.llama import CausalLM, abstract_model
 from fairy2i_jax.sharding import make_mesh
@@ -60,13 +60,16 @@ def check_seq_len(cfg: TrainConfig, mc: ModelConfig) -> None:
                           f"{mc.max_position_embeddings} ({cfg.model.path})")
 
 
-def load_corpora(cfg: TrainConfig, tokenizer) -> tuple[TokenizedCorpus, TokenizedCorpus | None]:
-    """``(train corpus, held-out corpus or None)``; ValueError naming the files when one is empty."""
+def _load(cfg: TrainConfig, entries, tokenizer) -> TokenizedCorpus:
     d = cfg.data
-    kw = dict(doc_split=d.doc_split, text_key=d.text_key, progress=cfg.train.progress)
-    train = load_corpus(list(d.train), tokenizer, **kw)
-    held_out = load_corpus(list(d.eval), tokenizer, **kw) if d.eval else None
-    return train, held_out
+    return load_corpus(list(entries), tokenizer, doc_split=d.doc_split, text_key=d.text_key, source=cfg.model.path,
+                       progress=cfg.train.progress)
+
+
+def load_corpora(cfg: TrainConfig, tokenizer) -> tuple[TokenizedCorpus, TokenizedCorpus | None]:
+    """``(train corpus, held-out corpus or None)``: tokenized in memory, or token stores opened memory-mapped
+    (``store:DIR``, checked against ``tokenizer``); DataError naming the entries when one is empty."""
+    return _load(cfg, cfg.data.train, tokenizer), _load(cfg, cfg.data.eval, tokenizer) if cfg.data.eval else None
 
 
 def check_corpus_fits(cfg: TrainConfig, corpus: TokenizedCorpus) -> None:
@@ -74,8 +77,13 @@ def check_corpus_fits(cfg: TrainConfig, corpus: TokenizedCorpus) -> None:
     check_fits_one_batch(corpus, seq_len=cfg.data.seq_len, global_batch=cfg.data.global_batch)
 
 
-def test_documents(cfg: TrainConfig) -> list[str]:
-    """The documents of ``data.test`` (for the perplexity report); [] when none is configured."""
-    if not cfg.data.test:
+def test_documents(cfg: TrainConfig, tokenizer) -> list:
+    """The documents of ``data.test`` for the perplexity report: texts, or for a token store the token ids of
+    its documents without their EOS (what the report's packing takes instead of texts); [] when none is
+    configured or the report is off."""
+    d = cfg.data
+    if not d.test or cfg.eval.ppl_max_tokens == 0:
         return []
-    return list(read_documents(list(cfg.data.test), doc_split=cfg.data.doc_split, text_key=cfg.data.text_key))
+    if store_entry_path(list(d.test), "data.test") is None:
+        return list(entry_documents(list(d.test), doc_split=d.doc_split, text_key=d.text_key))
+    return [doc[:-1] for doc in _load(cfg, d.test, tokenizer).documents()]

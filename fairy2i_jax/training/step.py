@@ -17,6 +17,10 @@ Train step ``(state, batch) -> (state, metrics)`` for a global batch ``{input_id
 5. Non-finite loss or gradient: the update is skipped (``lax.cond``) and the metrics carry ``finite = False`` and
    ``bad_leaf`` = the flatten index of the first non-finite gradient leaf (``-1`` if only the loss is bad).
 6. Otherwise the optimizer runs in its coordinate space (:mod:`fairy2i_jax.training.optim`).
+
+Sharding: the state and the batch come in with the shardings of the logical rules (:func:`jit_train_step`), and
+the step runs inside :func:`fairy2i_jax.sharding.activation_context`, so the model's activations are constrained
+too (batch over data x fsdp, heads and ffn over tensor, the sequence over ``seq`` when given).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from jax.sharding import Mesh
 
 from fairy2i_jax.convert import teacher_weights
 from fairy2i_jax.data import IGNORE_INDEX
-from fairy2i_jax.sharding import constrain, logical_to_sharding
+from fairy2i_jax.sharding import activation_context, constrain, logical_to_sharding
 from fairy2i_jax.training.config import DistillSection
 from fairy2i_jax.training.optim import grads_to_opt, updates_from_opt
 from fairy2i_jax.training.state import ParamLayout, TrainState, replicated
@@ -74,8 +78,10 @@ def _finite_flags(grads: Tree) -> jax.Array:
 
 
 def make_train_step(layout: ParamLayout, tx: optax.GradientTransformation, schedule: Callable, *,
-                    coordinates: str, grad_accum: int, distill: DistillSection, mesh: Mesh | None = None):
-    """The pure train step (module docstring); jit it with :func:`jit_train_step`."""
+                    coordinates: str, grad_accum: int, distill: DistillSection, mesh: Mesh | None = None,
+                    seq: str | None = None):
+    """The pure train step (module docstring); jit it with :func:`jit_train_step`. ``mesh``: the mesh whose
+    logical rules the activations follow (None: unconstrained); ``seq``: the mesh axis of the sequence (None)."""
     use_teacher = distill.weight > 0
     alpha, temp = float(distill.weight), float(distill.temperature)
 
@@ -115,6 +121,10 @@ def make_train_step(layout: ParamLayout, tx: optax.GradientTransformation, sched
         return grads, loss, nll / denom, denom
 
     def step(state: TrainState, batch):
+        with activation_context(mesh, seq):
+            return _step(state, batch)
+
+    def _step(state: TrainState, batch):
         params, opt_state = state.params, state.opt_state
         grads, loss, ce, tokens = loss_and_grads(params, batch)
         flags = _finite_flags(grads)
@@ -152,14 +162,17 @@ def jit_train_step(step_fn, shardings: Tree, mesh: Mesh, batch_shape: tuple[int,
                    out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
 
 
-def make_eval_fns(layout: ParamLayout, shardings: Tree, mesh: Mesh, batch_shape: tuple[int, int]):
-    """``(weights_fn(params) -> weights, eval_fn(params, weights, batch) -> (nll_sum, count))``, jitted."""
+def make_eval_fns(layout: ParamLayout, shardings: Tree, mesh: Mesh, batch_shape: tuple[int, int],
+                  seq: str | None = None):
+    """``(weights_fn(params) -> weights, eval_fn(params, weights, batch) -> (nll_sum, count))``, jitted; the
+    activations constrained like the train step's."""
     bs = batch_sharding(mesh, batch_shape)
     weights_fn = jax.jit(lambda p: layout.merge(p).effective_weights(), in_shardings=(shardings.params,))
 
     def eval_fn(params, weights, batch):
-        logits = layout.merge(params)(batch["input_ids"], weights=weights)
-        return token_nll(logits, batch["labels"])
+        with activation_context(mesh, seq):
+            logits = layout.merge(params)(batch["input_ids"], weights=weights)
+            return token_nll(logits, batch["labels"])
 
     eval_jit = jax.jit(eval_fn, in_shardings=(shardings.params, None, {"input_ids": bs, "labels": bs}),
                        out_shardings=replicated(mesh))
