@@ -69,27 +69,28 @@ def init_distributed(args) -> None:
         jax.distributed.initialize()
 
 
+def _train(args) -> None:
+    """Load the config (print it with ``--print-config``) and run it."""
+    from fairy2i_jax.training import load_train_config, run
+
+    cfg = load_train_config(args.config, args.overrides)
+    if args.print_config:
+        import yaml
+
+        from fairy2i_jax.config import to_dict
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return
+    run(cfg)
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if not args.print_config:
         init_distributed(args)
-    from fairy2i_jax.errors import Fairy2iError
-    from fairy2i_jax.training import load_train_config, run
+    from fairy2i_jax.errors import run_cli
 
-    try:
-        cfg = load_train_config(args.config, args.overrides)
-        if args.print_config:
-            import yaml
-
-            from fairy2i_jax.config import to_dict
-
-            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-            return 0
-        run(cfg)
-    except Fairy2iError as e:
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(_train, args)
 
 
 if __name__ == "__main__":
