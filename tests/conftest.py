@@ -1,10 +1,27 @@
-"""Test setup: 8 fake CPU devices (set before JAX initialises) so mesh tests run anywhere, offline mode, and the
-session's one reference training run (shared by the tests of the loop, the sources and the export)."""
+"""Test setup: 8 fake CPU devices (set before JAX initialises) so mesh tests run anywhere, offline mode, one JAX
+persistent compilation cache for the session, and the session's one reference training run (shared by the tests
+of the loop, the sources and the export).
 
+The compilation cache: many tests build the same programs (the debug config's train step, the tiny models'
+forward passes) in new closures, which JAX's in-memory caches do not share; the persistent cache is keyed by the
+program itself, so a program compiles once per session, in this process, in pytest-xdist workers and in the
+``train.py`` subprocesses (they inherit the variable). Executables are the same bits either way. The directory is
+new per session (made by the first process, removed at its exit), so no run sees another's entries.
+"""
+
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
+
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="fairy2i_jax_test_jit_cache_")
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -15,8 +32,10 @@ sys.path.insert(0, os.path.dirname(__file__))  # test helpers (the torch oracle)
 
 @pytest.fixture(scope="session")
 def jax_compile_cache(tmp_path_factory):
-    """A JAX persistent compilation cache shared by the ``train.py`` subprocesses of the session."""
-    return tmp_path_factory.mktemp("jax_cache")
+    """The session's JAX persistent compilation cache (module docstring), for ``train.py`` subprocesses."""
+    from pathlib import Path
+
+    return Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 
 @pytest.fixture(scope="session")
