@@ -160,22 +160,23 @@ def _local_kind(spec: str, path: Path) -> SourceKind:
     raise SourceError(f"model source {spec!r}: {path} is a file but not a .gguf; pass the HF directory instead")
 
 
+def _named_source(spec: str, prefix: str, table: dict, kind: SourceKind, what: str) -> ModelSource:
+    """The ``kind`` source ``prefix + NAME`` of a name in ``table``; SourceError listing the known names."""
+    name = spec[len(prefix):]
+    if name not in table:
+        raise SourceError(f"model source {spec!r}: unknown {what} {name!r}; known: "
+                          f"{', '.join(prefix + n for n in table)}")
+    return ModelSource(spec, kind)
+
+
 def resolve(spec: str, *, step: int | None = None) -> ModelSource:
     """Classify ``spec`` (module docstring) without reading weights; ``step`` selects a run's checkpoint.
     :class:`SourceError` for a source that does not exist or a ``step`` given to a source other than a run."""
     spec = str(spec)
     if spec.startswith(RANDOM_PREFIX):
-        name = spec[len(RANDOM_PREFIX):]
-        if name not in RANDOM_MODELS:
-            raise SourceError(f"model source {spec!r}: unknown random model {name!r}; known: "
-                              f"{', '.join(RANDOM_PREFIX + n for n in RANDOM_MODELS)}")
-        source = ModelSource(spec, "random")
+        source = _named_source(spec, RANDOM_PREFIX, RANDOM_MODELS, "random", "random model")
     elif spec.startswith(ARCH_PREFIX):
-        name = spec[len(ARCH_PREFIX):]
-        if name not in ARCHITECTURES:
-            raise SourceError(f"model source {spec!r}: unknown architecture {name!r}; known: "
-                              f"{', '.join(ARCH_PREFIX + n for n in ARCHITECTURES)}")
-        source = ModelSource(spec, "arch")
+        source = _named_source(spec, ARCH_PREFIX, ARCHITECTURES, "arch", "architecture")
     elif spec.startswith(PKG_PREFIX):
         path = _package_file(spec)
         source = ModelSource(spec, _local_kind(spec, path), path)

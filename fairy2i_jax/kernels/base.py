@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from fairy2i_jax.kernels.decode import check_rounding
 from fairy2i_jax.packing import PackedWidelyLinear, num_words
 
 Array = Any
@@ -63,6 +64,31 @@ class Implementation:
 
     def __call__(self, x: Array, prepared: Prepared) -> list[Array]:
         raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasImplementation(Implementation):
+    """The options every Pallas entry takes: ``unroll_slots`` (unrolled code slots), ``rounding`` (one of
+    :data:`~fairy2i_jax.kernels.decode.ROUNDINGS`), ``interpret`` (Pallas interpret mode, any backend)."""
+
+    unroll_slots: bool = True
+    rounding: str = "convert"
+    interpret: bool = False
+
+    def __post_init__(self):
+        check_rounding(f"{type(self).__name__}.rounding", self.rounding)
+
+
+def runs_here(import_error: BaseException | None, interpret: bool, backend: str) -> bool:
+    """Whether a Pallas implementation can run now: its Pallas module imported (``import_error is None``), and
+    it runs in interpret mode (any backend) or JAX's default backend is its own ``backend``."""
+    return import_error is None and (bool(interpret) or jax.default_backend() == backend)
+
+
+def prepared_meta(layers: tuple[PackedWidelyLinear, ...], offsets, rows: int, words: Any, scale_dtype) -> tuple:
+    """The static metadata of stacked layers the Pallas kernels share: ``(stages, scale dtype name, row offsets
+    of each layer, stacked rows, words per row)``."""
+    return (layers[0].stages, str(scale_dtype), offsets, rows, words.shape[-1])
 
 
 def check_layer(packed: Any, what: str = "packed") -> PackedWidelyLinear:

@@ -90,6 +90,12 @@ def round_to(v: Array, dtype: Any, bitwise: bool = False) -> Array:
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
+def check_rounding(owner: str, rounding: str) -> None:
+    """ValueError naming ``owner`` (e.g. ``PallasGpu.rounding``) unless ``rounding`` is one of :data:`ROUNDINGS`."""
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"{owner} must be one of {ROUNDINGS}, got {rounding!r}")
+
+
 def work_dtype(dtype: Any, rounding: str) -> Any:
     """The arithmetic dtype: ``dtype`` itself for ``native`` rounding, float32 for ``convert`` / ``bits``."""
     if rounding not in ROUNDINGS:

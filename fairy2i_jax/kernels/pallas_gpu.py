@@ -60,7 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fairy2i_jax.kernels import decode
-from fairy2i_jax.kernels.base import Implementation, Prepared, same_scale_dtype
+from fairy2i_jax.kernels.base import PallasImplementation, Prepared, prepared_meta, runs_here, same_scale_dtype
 from fairy2i_jax.kernels.layout import activation_halves, cdiv, round_up, split_rows, stack_rows
 from fairy2i_jax.kernels.xla import compute_dtype
 from fairy2i_jax.packing import CODES_PER_WORD, PackedWidelyLinear
@@ -186,7 +186,7 @@ def _is_pow2(v: int) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class PallasGpu(Implementation):
+class PallasGpu(PallasImplementation):
     """Registry entry (module docstring). ``interpret=True`` runs the same kernels in Pallas interpret mode."""
 
     name: str = "pallas_gpu"
@@ -199,13 +199,9 @@ class PallasGpu(Implementation):
     target_programs: int = 264
     num_warps: int = 4
     num_stages: int = 3
-    unroll_slots: bool = True
-    rounding: str = "convert"
-    interpret: bool = False
 
     def __post_init__(self):
-        if self.rounding not in decode.ROUNDINGS:
-            raise ValueError(f"PallasGpu.rounding must be one of {decode.ROUNDINGS}, got {self.rounding!r}")
+        super().__post_init__()
         for f in ("block_words", "gemv_block_n", "gemm_block_n", "max_block_b"):
             if not _is_pow2(getattr(self, f)):
                 raise ValueError(f"PallasGpu.{f} must be a power of two (Triton blocks), got {getattr(self, f)}")
@@ -216,15 +212,13 @@ class PallasGpu(Implementation):
             raise ValueError(f"PallasGpu.max_block_b must be >= 16 (Triton dots), got {self.max_block_b}")
 
     def available(self) -> bool:
-        if _IMPORT_ERROR is not None:
-            return False
-        return bool(self.interpret) or jax.default_backend() == "gpu"
+        return runs_here(_IMPORT_ERROR, self.interpret, "gpu")
 
     def prepare(self, layers: tuple[PackedWidelyLinear, ...]) -> Prepared:
         scale_dtype = same_scale_dtype(layers, self.name)
         words, h, offsets, rows = stack_rows(layers, self.row_multiple, self.block_words)
         T = layers[0].stages
-        meta = (T, str(scale_dtype), offsets, rows, words.shape[-1])
+        meta = prepared_meta(layers, offsets, rows, words, scale_dtype)
         return Prepared({"words": words, "h": h.reshape(4 * T, rows)}, self, tuple(p.n for p in layers),
                         layers[0].m, meta)
 

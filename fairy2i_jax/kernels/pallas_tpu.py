@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fairy2i_jax.kernels import decode
-from fairy2i_jax.kernels.base import Implementation, Prepared, same_scale_dtype
+from fairy2i_jax.kernels.base import PallasImplementation, Prepared, prepared_meta, runs_here, same_scale_dtype
 from fairy2i_jax.kernels.layout import activation_halves, pad_axis, round_up, split_rows, stack_rows
 from fairy2i_jax.kernels.xla import compute_dtype
 from fairy2i_jax.packing import CODES_PER_WORD, PackedWidelyLinear
@@ -90,20 +90,16 @@ def _kernel(words_ref, h_ref, x_ref, out_ref, acc_ref, *, T, bw, scale_dtype, dt
 
 
 @dataclasses.dataclass(frozen=True)
-class PallasTpu(Implementation):
+class PallasTpu(PallasImplementation):
     """Registry entry (module docstring). ``interpret=True`` runs it in TPU interpret mode on any backend."""
 
     name: str = "pallas_tpu"
     block_n: int = LANES
     block_words: int = LANES
     max_block_b: int = 256
-    unroll_slots: bool = True
-    rounding: str = "convert"
-    interpret: bool = False
 
     def __post_init__(self):
-        if self.rounding not in decode.ROUNDINGS:
-            raise ValueError(f"PallasTpu.rounding must be one of {decode.ROUNDINGS}, got {self.rounding!r}")
+        super().__post_init__()
         if self.block_n % LANES or self.block_words % LANES:
             raise ValueError(f"PallasTpu block_n and block_words must be multiples of {LANES} (lanes), got "
                              f"{self.block_n}, {self.block_words}")
@@ -111,9 +107,7 @@ class PallasTpu(Implementation):
             raise ValueError(f"PallasTpu.max_block_b must be a multiple of 16, got {self.max_block_b}")
 
     def available(self) -> bool:
-        if _IMPORT_ERROR is not None:
-            return False
-        return bool(self.interpret) or jax.default_backend() == "tpu"
+        return runs_here(_IMPORT_ERROR, self.interpret, "tpu")
 
     def prepare(self, layers: tuple[PackedWidelyLinear, ...]) -> Prepared:
         scale_dtype = same_scale_dtype(layers, self.name)
@@ -122,7 +116,7 @@ class PallasTpu(Implementation):
             raise NotImplementedError(f"{self.name} holds at most {LANES // 4} stages, got T={T}")
         words, h, offsets, rows = stack_rows(layers, self.block_n, self.block_words)
         h = pad_axis(h.reshape(4 * T, rows).T, 1, LANES)  # [R, 128]
-        meta = (T, str(scale_dtype), offsets, rows, words.shape[-1])
+        meta = prepared_meta(layers, offsets, rows, words, scale_dtype)
         return Prepared({"words": words, "h": h}, self, tuple(p.n for p in layers), layers[0].m, meta)
 
     def __call__(self, x: Array, prepared: Prepared) -> list[Array]:
