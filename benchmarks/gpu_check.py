@@ -175,7 +175,7 @@ def main(argv=None) -> int:
             if name not in PARTS:
                 raise SystemExit(f"unknown part {name!r}; expected some of {', '.join(PARTS)}")
             left = args.budget_s - (time.perf_counter() - start)
-            limit = min(LIMITS[name] * (0.5 if args.smoke else 1), left)
+            limit = left if args.smoke else min(LIMITS[name], left)  # smoke: any CPU, however loaded
             if limit < 10:
                 report["parts"][name] = {"status": "skipped (total budget spent)"}
                 continue

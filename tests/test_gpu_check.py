@@ -18,7 +18,7 @@ def test_gpu_check_smoke_runs_its_parts(tmp_path):
     runs in process: one subprocess less here."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--out", str(tmp_path), "--smoke",
-                           "--parts", "quantizer,decode,train_step"],
+                           "--parts", "quantizer,decode,train_step", "--budget-s", "850"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "results.json").read_text())
