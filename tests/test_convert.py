@@ -49,8 +49,7 @@ def fake_quantized_torch_model(family: str, ckpt_dtype: str, spec: QuantSpec) ->
 
 @pytest.mark.parametrize(
     "family, ckpt_dtype, quant, numerics",
-    [
-        ("llama", "float32", "w2", "fp32"),
+    [  # fp32 numerics on qwen2 (bf16 checkpoint); a float32 checkpoint with every quantizer on llama
         ("llama", "float32", "w2", "bf16_exact"),
         ("llama_tied", "bfloat16", "w2", "bf16_exact"),
         ("qwen2", "bfloat16", "w2", "fp32"),
@@ -197,7 +196,7 @@ def test_to_packed_gives_the_qat_logits_and_two_bits_per_weight(family, scan):
     packed = to_packed(w2)
     assert {s.kind for s in packed.linear_plan().values()} == {"packed"} and not packed.config.tie_word_embeddings
     ids, mask = batch()
-    want = jax_logits(w2, ids, mask)
+    want = qat_logits(w2, ids, mask)  # the QAT forward on its effective weights (= its eager forward, test_llama)
     scale = np.abs(want[mask.astype(bool)]).max()
     for got in (jax_logits(packed, ids, mask),
                 np.asarray(packed(jnp.asarray(ids), attention_mask=jnp.asarray(mask),

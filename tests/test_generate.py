@@ -30,34 +30,35 @@ def torch_greedy(model, prompt, n, eos=None):
 
 def test_batched_left_padded_equals_torch(tiny):
     model, oracle = tiny
-    want = [torch_greedy(oracle, p, 20) for p in PROMPTS]
-    assert generate(model, PROMPTS, 20, eos_id=None) == want
-    assert len(set(map(tuple, want))) == 3 and all(len(w) == 20 for w in want)
-    assert generate(model, PROMPTS[1], 20, eos_id=None) == want[1]  # one sequence in, one list out
+    # 16 new tokens (the engine's smallest budget bucket): the compiled programs are shared with later tests
+    want = [torch_greedy(oracle, p, 16) for p in PROMPTS]
+    assert generate(model, PROMPTS, 16, eos_id=None) == want
+    assert len(set(map(tuple, want))) == 3 and all(len(w) == 16 for w in want)
+    assert generate(model, PROMPTS[1], 16, eos_id=None) == want[1]  # one sequence in, one list out
 
 
 def test_stops_at_eos_and_budgets(tiny):
     model, oracle = tiny
-    free = torch_greedy(oracle, PROMPTS[0], 20)
+    free = torch_greedy(oracle, PROMPTS[0], 16)
     eos = free[5]
     first = free.index(eos)
-    want = [torch_greedy(oracle, p, 20, eos=eos) for p in PROMPTS]
+    want = [torch_greedy(oracle, p, 16, eos=eos) for p in PROMPTS]
     assert want[0] == free[: first + 1]  # torch stops after (and keeps) the EOS
-    got = greedy_ids(model, PROMPTS, 20, eos_id=eos, batch_size=2)  # batches of 2: the second one padded
+    got = greedy_ids(model, PROMPTS, 16, eos_id=eos, batch_size=2)  # batches of 2: the second one padded
     assert got == [w[: w.index(eos) + 1] if eos in w else w for w in want]
     assert generate(model, PROMPTS, [3, 1, 7], eos_id=(eos, 255)) == [want[0][:3], want[1][:1], want[2][:7]]
 
 
 def test_stop_callback_between_chunks(tiny):
     model, oracle = tiny
-    full = torch_greedy(oracle, PROMPTS[1], 24)
+    full = torch_greedy(oracle, PROMPTS[1], 16)
     calls = []
 
     def stop(k, ids):
         calls.append((k, len(ids)))
         return len(ids) >= 7
 
-    got = greedy_ids(model, [PROMPTS[1]], 24, eos_id=None, chunk=4, stop=stop)[0]
+    got = greedy_ids(model, [PROMPTS[1]], 16, eos_id=None, chunk=4, stop=stop)[0]
     assert got == full[:9]  # prefill gives 1 token, chunks of 4: checked at 5 (go on) and 9 (stop)
     assert calls == [(0, 5), (0, 9)]
 

@@ -11,13 +11,13 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from kernel_helpers import activations, assert_matches_reference, oracle, packed_layer, real_matrix, rel_err
+from kernel_helpers import activations, assert_matches_reference, dense, oracle, packed_layer, real_matrix, rel_err
 
 from fairy2i_jax import kernels
 from fairy2i_jax.kernels import api, decode, layout, xla
 from fairy2i_jax.kernels.base import Implementation
 from fairy2i_jax.kernels.reference import reference_matmul
-from fairy2i_jax.packing import pack_codes, unpack_codes, unpack_to_real
+from fairy2i_jax.packing import pack_codes, unpack_codes
 from fairy2i_jax.quant import QuantSpec, quantize_real_weight
 
 # ----------------------------------------------------------------------------------------------------------
@@ -76,22 +76,22 @@ def test_decoded_blocks_equal_unpack_to_real_bit_for_bit(stages, numerics, granu
     assert meta.num_chunks == 3
     decode_chunks = jax.jit(lambda w, h, rounding: [xla.chunk_blocks(w, h, meta, c, jnp.float32, rounding)
                                                     for c in range(meta.num_chunks)], static_argnums=2)
-    want = np.asarray(unpack_to_real(packed), np.float32)
+    want = dense(packed).astype(np.float32)  # unpack_to_real, compiled once with the layer (kernel_helpers)
     # "bits" (xla) everywhere, "convert" (the Pallas kernels) for T = 3, the most roundings; "native" is exact
     # only where the compiler keeps per-op bf16 rounding, which XLA (so this test) does not promise
     for rounding in ("bits", "convert") if stages == 3 else ("bits",):
         blocks = decode_chunks(arrays["words"], arrays["h"], rounding)
         a11, a12, a21, a22 = (jnp.concatenate(b, axis=-1)[:, : packed.m] for b in zip(*blocks))  # each [n, m]
-        dense = np.asarray(jnp.block([[a11, a12], [a21, a22]]))
-        np.testing.assert_array_equal(dense == 0, want == 0)
-        np.testing.assert_array_equal(dense[want != 0], want[want != 0])
+        decoded = np.asarray(jnp.block([[a11, a12], [a21, a22]]))
+        np.testing.assert_array_equal(decoded == 0, want == 0)
+        np.testing.assert_array_equal(decoded[want != 0], want[want != 0])
 
 
 def test_the_rounding_matters_for_bf16_layers():
     """Why the decode reproduces the roundings: the unrounded sum_t s_t i^k is ~1e-3 off for W2 (so a kernel
     factoring the scales out would fail the 1e-5 bound)."""
     packed = packed_layer(0, 26, 144, 2)
-    exact = np.asarray(unpack_to_real(packed), np.float64)
+    exact = dense(packed)
     arrays, meta = xla.prepare_layer(packed, 1 << 19)
     loose = dataclasses.replace(meta, scale_dtype="float32")  # same codes and scales, no bf16 rounding
     b = [np.asarray(v, np.float64)[:, : packed.m]

@@ -171,11 +171,12 @@ def test_production_tpu_kernel_lowers_for_tpu():
 @pytest.mark.slow
 @BOTH
 def test_unrolled_production_variant_in_interpret_mode(impl):
-    """The unrolled slots (static shifts and offsets) compute the same as the loop (slow: big programs)."""
+    """The unrolled slots (static shifts and offsets) compute the same as the loop (slow: big programs). One
+    batch: 3 rows padded to one 16-row batch block takes the GPU instance's tensor-core path and the TPU kernel;
+    a larger batch only changes the static block size of the same unrolled program."""
     import dataclasses
 
     impl = dataclasses.replace(impl, unroll_slots=True)
     packed = packed_layer(0, 26, 144, 2)
-    for batch in (3, 20):
-        x = activations(batch, (batch, 144), jnp.bfloat16)
-        assert_matches_reference(kernels.packed_matmul(x, packed, implementation=impl), x, packed)
+    x = activations(3, (3, 144), jnp.bfloat16)
+    assert_matches_reference(kernels.packed_matmul(x, packed, implementation=impl), x, packed)

@@ -108,9 +108,9 @@ def test_kv_cache_prefill_then_decode_equals_full_forward():
 def test_segment_ids_isolate_packed_sequences():
     model = load_pretrained(checkpoint("qwen2"), compute_dtype=jnp.float32)
     rng = np.random.default_rng(4)
-    first, second = rng.integers(3, 256, size=5), rng.integers(3, 256, size=4)
+    first, second = rng.integers(3, 256, size=5), rng.integers(3, 256, size=5)  # one length: one compile below
     packed = jnp.asarray(np.concatenate([first, second])[None].astype(np.int32))
-    segments = jnp.asarray(np.array([[1] * 5 + [2] * 4], np.int32))
+    segments = jnp.asarray(np.array([[1] * 5 + [2] * 5], np.int32))
     out = np.asarray(model(packed, segment_ids=segments))
     np.testing.assert_allclose(out[0, :5], jax_logits(model, first[None].astype(np.int32))[0], atol=1e-5)
     np.testing.assert_allclose(out[0, 5:], jax_logits(model, second[None].astype(np.int32))[0], atol=1e-5)

@@ -119,11 +119,12 @@ def test_row_and_group_scales_pack_too():
 def test_bits_per_weight():
     w2 = packing.packed_bits_per_weight(4096, 11008, stages=2, scale_bytes=2)
     assert 2.0 < w2 <= 2.1, w2  # LLaMA-2-7B FFN layer, Fairy2i-W2, bf16 scales
-    # the formula counts exactly the bytes of a real packed layer (m = 50: a padded tail word)
+    # the formula counts exactly the bytes of a real packed layer (m = 50: a padded tail word); its arrays'
+    # shapes and dtypes, traced (jax.eval_shape: what pack_widely_linear returns, without running it op by op)
     U, W = complex_pair(np.random.default_rng(6), (16, 50))
     for stages in (1, 2, 3):
-        packed = packing.pack_widely_linear(U, W, stages=stages)
-        nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(packed))
+        packed = jax.eval_shape(lambda u, w, t=stages: packing.pack_widely_linear(u, w, stages=t), U, W)
+        nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(packed))
         assert packing.packed_bits_per_weight(32, 100, stages) == 8 * nbytes / (32 * 100)
 
 

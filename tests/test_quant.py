@@ -294,7 +294,7 @@ def numpy_phase_quant(re, im, stages, group):
     return acc_re, acc_im, scales
 
 
-@pytest.mark.parametrize("granularity, group_size", [("row", 128), ("group", 16), ("group", 32)])
+@pytest.mark.parametrize("granularity, group_size", [("row", 128), ("group", 16)])  # 64 columns: 4 groups
 def test_row_and_group_scales(granularity, group_size):
     rng = np.random.default_rng(11)
     n, m, T = 12, 64, 2

@@ -2,9 +2,10 @@
 
 Oracle: the ``dequantized`` export of the same model loaded by vanilla transformers. Each case builds a tiny
 random HF model with transformers (``model_helpers``), imports it with ``load_pretrained``, converts it
-(PTQ) and exports it ``packed`` and ``dequantized``; then ONE child process per group (``remote_code_child.py``,
-run as ``python -I -S``: neither the project nor its editable install on ``sys.path``, checked there) loads
-the packed dirs with ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` and compares.
+(PTQ) and exports it ``packed`` and ``dequantized``; then ONE child process for all the cases
+(``remote_code_child.py``, run as ``python -I -S``: neither the project nor its editable install on
+``sys.path``, checked there) loads the packed dirs with
+``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` and compares.
 
 Measured (transformers 5.24, torch 2.13 CPU): the decoded weights equal the dequantized weights bit for bit
 and the logits are identical (max |diff| 0.0) in fp32 and in bf16; asserted: fp32 within 1e-5 relative,
@@ -47,11 +48,12 @@ CASES = {
     "qwen2_group_fp32": ("qwen2", dict(quant="w2", numerics="fp32", rules=[  # q/k/v biases; group scales
         (r"mlp\.", QuantSpec("complex_phase", 2, "fp32", "group", 16))]), "float32"),
     "llama_bf16": ("llama", dict(quant="w2"), "bfloat16"),  # untied; loaded with the config's dtype
-    "mistral_mixed": ("mistral", dict(quant="w2", rules=[  # W1 o_proj, row scales on the MLP
+    "mistral": ("mistral", dict(quant="w2"), "float32"),  # sliding window; llama_tied's quantizers (no new compiles)
+    # q/k norms; head stays tied; W3 q/k/v, W1 o_proj, row scales on the MLP
+    "qwen3_tied_fp_head_mixed": ("qwen3_tied", dict(quant="w3", lm_head=False, rules=[
         (r"o_proj", {"stages": 1}), (r"mlp\.", QuantSpec("complex_phase", 2, "bf16_exact", "row"))]), "float32"),
-    "qwen3_tied_fp_head": ("qwen3_tied", dict(quant="w3", lm_head=False), "float32"),  # q/k norms; head stays tied
 }
-FAST, SLOW = ("llama_tied", "qwen2_group_fp32", "llama_bf16"), ("mistral_mixed", "qwen3_tied_fp_head")
+FAST, SLOW = ("llama_tied", "qwen2_group_fp32", "llama_bf16"), ("mistral", "qwen3_tied_fp_head_mixed")
 
 
 def _source(family: str, root: Path) -> Path:
@@ -110,19 +112,11 @@ def _run_child(cases: list[dict], root: Path) -> dict:
     return json.loads((root / "result.json").read_text())
 
 
-def _group(tmp_path_factory, names) -> tuple[dict, Path]:
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[dict, Path]:
+    """Every case exported, then ONE child process for all of them (one torch + transformers start-up)."""
     root = tmp_path_factory.mktemp("remote")
-    return _run_child([_export_case(n, root) for n in names], root), root
-
-
-@pytest.fixture(scope="module")
-def fast(tmp_path_factory):
-    return _group(tmp_path_factory, FAST)
-
-
-@pytest.fixture(scope="module")
-def slow(tmp_path_factory):
-    return _group(tmp_path_factory, SLOW)
+    return _run_child([_export_case(n, root) for n in (*FAST, *SLOW)], root), root
 
 
 def _check_case(result: dict, name: str, root: Path) -> None:
@@ -156,21 +150,21 @@ def _check_case(result: dict, name: str, root: Path) -> None:
 
 
 @pytest.mark.parametrize("name", FAST)
-def test_packed_loads_in_plain_transformers_with_the_dequantized_logits(fast, name):
-    results, root = fast
+def test_packed_loads_in_plain_transformers_with_the_dequantized_logits(exported, name):
+    results, root = exported
     _check_case(results["cases"][name], name, root)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SLOW)
-def test_packed_loads_in_plain_transformers_more_families(slow, name):
-    results, root = slow
+def test_packed_loads_in_plain_transformers_more_families(exported, name):
+    results, root = exported
     _check_case(results["cases"][name], name, root)
 
 
-def test_child_has_no_fairy2i_jax_and_untrusted_loading_is_refused(fast):
+def test_child_has_no_fairy2i_jax_and_untrusted_loading_is_refused(exported):
     """Without trust_remote_code transformers raises ValueError (its own message), never random weights."""
-    results, _ = fast
+    results, _ = exported
     assert results["fairy2i_jax_importable"] is False
     for key in ("refusal_default", "refusal_false"):
         refusal = results[key]
@@ -179,10 +173,10 @@ def test_child_has_no_fairy2i_jax_and_untrusted_loading_is_refused(fast):
         assert "trust_remote_code=True" in refusal["message"]
 
 
-def test_load_pretrained_still_reads_the_packed_dir(fast):
+def test_load_pretrained_still_reads_the_packed_dir(exported):
     """Decoded to real weights: bit-equal to the dequantized export; on the packed kernels (the default): equal up
     to float32 summation order."""
-    _, root = fast
+    _, root = exported
     ids, mask = batch()
     load = lambda p, **kw: load_pretrained(root / p, dtype=jnp.float32, compute_dtype=jnp.float32, **kw)  # noqa: E731
     dequantized = jax_logits(load("llama_tied_dequantized"), ids, mask)
