@@ -95,12 +95,12 @@ def time_step(model, mesh, batch: int, seq: int, grad_accum: int, repeats: int,
     ids = jax.random.randint(key, (batch, seq), 0, model.config.vocab_size, dtype=jnp.int32)
     data = {"input_ids": ids, "labels": ids}
     for _ in range(2):
-        state, metrics = step(state, data)
+        state, metrics = step(state, data, None)
     jax.block_until_ready(metrics)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        state, metrics = step(state, data)
+        state, metrics = step(state, data, None)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - start)
     return statistics.median(times), n_params, state_bytes_on_device0(state)

@@ -34,6 +34,7 @@ def test_presets_load_and_the_7b_preset_is_the_official_recipe():
     ("optimizer.coordinates=polar", "optimizer.coordinates = 'polar' is not one of ['real', 'complex']"),
     ("train.grad_accum=3", "data.global_batch 8 is not a multiple of train.grad_accum 3"),
     ("optimizer.decay_stages=[[10, 5, 0.5]]", "optimizer.decay_stages[0] = (10, 5, 0.5)"),
+    ("distill.teacher=moving", "distill.teacher = 'moving' is not one of ['self', 'frozen']"),
 ])
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:

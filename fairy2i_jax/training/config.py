@@ -33,6 +33,7 @@ from fairy2i_jax.models.config import DtypeName
 from fairy2i_jax.sources import ModelSection
 from fairy2i_jax.training.optim import Coordinates, OptimizerName
 from fairy2i_jax.training.schedule import ScheduleName
+from fairy2i_jax.training.teacher import TeacherName
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # the presets, shipped with the package
 DEFAULT_CONFIG = CONFIG_DIR / "smollm2_135m_w2.yaml"
@@ -151,17 +152,28 @@ class OptimizerSection:
 
 @dataclasses.dataclass(frozen=True)
 class DistillSection:
-    """Distillation from the unquantized teacher (same masters, quantization off); ``weight = 0`` is off.
+    """Logits distillation in the QAT steps; ``weight = 0`` is off (no teacher is made or stored).
 
-    Loss ``(1 - weight) * CE + weight * temperature^2 * KL(teacher_T || student_T)`` per scored token.
+    Loss ``(1 - weight) * CE + weight * temperature^2 * KL(teacher_T || student_T)`` per scored token, with
+    ``p_T = softmax(logits / temperature)``. ``teacher`` (:mod:`fairy2i_jax.training.teacher`): ``self`` = the
+    student's own masters with quantization off, re-made every step (it drifts with training); ``frozen`` = the
+    original real model, held fixed in the compute dtype for the whole run (one more compute-dtype copy of the
+    model on the devices and in every checkpoint).
     """
 
     weight: float = 0.0
     temperature: float = 1.0
+    teacher: TeacherName = "self"
 
     def __post_init__(self):
+        check_choices(self, "distill")
         _check(0.0 <= self.weight <= 1.0, f"distill.weight must be in [0, 1], got {self.weight}")
         _check(self.temperature > 0, f"distill.temperature must be > 0, got {self.temperature}")
+
+    @property
+    def frozen(self) -> bool:
+        """True when the steps distill from a frozen teacher (``weight > 0`` and ``teacher: frozen``)."""
+        return self.weight > 0 and self.teacher == "frozen"
 
 
 @dataclasses.dataclass(frozen=True)
