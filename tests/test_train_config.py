@@ -29,12 +29,15 @@ def test_presets_load_and_the_7b_preset_is_the_official_recipe():
 
 @pytest.mark.parametrize("override, message", [
     ("optimizer.lrr=1", "unknown config key(s) 'optimizer.lrr' in section 'optimizer'; valid keys: b1, b2, "
-                        "clip_norm, coordinates, decay_stages, eps, lr, min_lr_factor, name, schedule, "
+                        "clip_norm, coordinates, decay_stages, eps, groups, lr, min_lr_factor, name, schedule, "
                         "warmup_steps, weight_decay"),
     ("optimizer.coordinates=polar", "optimizer.coordinates = 'polar' is not one of ['real', 'complex']"),
     ("train.grad_accum=3", "data.global_batch 8 is not a multiple of train.grad_accum 3"),
     ("optimizer.decay_stages=[[10, 5, 0.5]]", "optimizer.decay_stages[0] = (10, 5, 0.5)"),
     ("distill.teacher=moving", "distill.teacher = 'moving' is not one of ['self', 'frozen']"),
+    ("optimizer.groups.embed_lr_scale=-1", "optimizer.groups.embed_lr_scale must be >= 0, got -1.0"),
+    ("optimizer.groups.no_decay=[bias]", "optimizer.groups.no_decay[0] = 'bias' is not one of ['embed', 'norm', "
+                                         "'head', 'linear']"),
 ])
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:

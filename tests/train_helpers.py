@@ -52,7 +52,7 @@ def harness(model, opt: OptimizerSection, batch_shape, *, mesh_shape=(1, 1, 1), 
     ``model`` itself, i.e. the converted model at step 0)."""
     mesh = make_mesh(*mesh_shape)
     layout = ParamLayout(model)
-    tx, schedule = make_optimizer(opt, 100)
+    tx, schedule = make_optimizer(opt, 100, layout.opt_groups(opt.coordinates))
     state, shardings = init_state(layout, model, tx, opt.coordinates, seed, mesh)
     fn = make_train_step(layout, tx, schedule, coordinates=opt.coordinates, grad_accum=grad_accum,
                          distill=distill, mesh=mesh)

@@ -31,7 +31,7 @@ from fairy2i_jax.data import HF_PREFIX, DocSplit, parse_hf_entry, store_entry_pa
 from fairy2i_jax.hf.export import ExportFormat
 from fairy2i_jax.models.config import DtypeName
 from fairy2i_jax.sources import ModelSection
-from fairy2i_jax.training.optim import Coordinates, OptimizerName
+from fairy2i_jax.training.optim import PARAM_GROUPS, Coordinates, OptimizerName, ParamGroup
 from fairy2i_jax.training.schedule import ScheduleName
 from fairy2i_jax.training.teacher import TeacherName
 
@@ -114,12 +114,45 @@ class DataSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class GroupsSection:
+    """Parameter groups (``optimizer.groups``; the groups and their formula: :mod:`fairy2i_jax.training.optim`):
+    ``embed`` the embedding table (with tied embeddings also the head), ``norm`` the RMSNorm weights, ``head`` the
+    untied output head, ``linear`` every other param (the decoder linears and their biases).
+
+    ``embed_lr_scale`` / ``norm_lr_scale`` / ``head_lr_scale``: that group's learning rate is ``scale * lr(s)``
+    (``0`` = frozen; ``linear`` keeps ``lr(s)``). ``no_decay``: groups that ``optimizer.weight_decay`` skips (e.g.
+    ``[embed, norm]``). The defaults (1, 1, 1, none) are one group: the optimizer without groups, bit for bit.
+    """
+
+    embed_lr_scale: float = 1.0
+    norm_lr_scale: float = 1.0
+    head_lr_scale: float = 1.0
+    no_decay: tuple[ParamGroup, ...] = ()
+
+    def __post_init__(self):
+        for name in ("embed", "norm", "head"):
+            scale = getattr(self, f"{name}_lr_scale")
+            _check(scale >= 0, f"optimizer.groups.{name}_lr_scale must be >= 0, got {scale}")
+
+    def lr_scales(self) -> dict[str, float]:
+        """``{group: lr scale}`` for every group of :data:`~fairy2i_jax.training.optim.PARAM_GROUPS`."""
+        scales = {"embed": self.embed_lr_scale, "norm": self.norm_lr_scale, "head": self.head_lr_scale}
+        return {name: float(scales.get(name, 1.0)) for name in PARAM_GROUPS}
+
+    @property
+    def is_default(self) -> bool:
+        """True for the defaults (no group transform at all)."""
+        return self == GroupsSection()
+
+
+@dataclasses.dataclass(frozen=True)
 class OptimizerSection:
     """Optimizer, learning-rate schedule (module docstring) and the coordinates Adam works in.
 
     ``coordinates``: ``real`` = Adam statistics on the original real weight ``A = recompose(U, W)`` (the
     official dynamics, exactly); ``complex`` = Adam per real / imaginary coordinate of ``U`` and ``W``.
-    ``clip_norm``: global-norm gradient clipping in those coordinates (0 = off).
+    ``clip_norm``: global-norm gradient clipping in those coordinates (0 = off). ``groups``: per-group learning
+    rate scales and weight decay (:class:`GroupsSection`).
     """
 
     name: OptimizerName = "adamw"
@@ -134,6 +167,7 @@ class OptimizerSection:
     decay_stages: tuple[tuple[int, int, float], ...] = ((8000, 10000, 0.1667), (19000, 20000, 0.03333))
     min_lr_factor: float = 0.1  # final factor of the cosine schedule
     coordinates: Coordinates = "real"
+    groups: GroupsSection = dataclasses.field(default_factory=GroupsSection)
 
     def __post_init__(self):
         check_choices(self, "optimizer")

@@ -245,7 +245,7 @@ class Trainer:
     @classmethod
     def for_model(cls, model, cfg: TrainConfig, mesh) -> "Trainer":
         layout = ParamLayout(model)
-        tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
+        tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps, layout.opt_groups(cfg.optimizer.coordinates))
         return cls(layout, tx, schedule, state_shardings(layout, tx, cfg.optimizer.coordinates, mesh),
                    teacher_shardings(model, mesh) if cfg.distill.frozen else None)
 

@@ -148,8 +148,8 @@ def plan_memory(cfg: TrainConfig, num_devices: int) -> MemoryPlan:
     sizes = cfg.mesh.resolve(num_devices)
     mesh = AbstractMesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
     layout = ParamLayout(model)
-    tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps)
     coords = cfg.optimizer.coordinates
+    tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps, layout.opt_groups(coords))
     shardings = state_shardings(layout, tx, coords, mesh)
     state = abstract_state(layout, tx, coords, shardings)
     is_complex = [np.issubdtype(np.dtype(s.dtype), np.complexfloating) for s in jax.tree.leaves(state.params)]
