@@ -1,12 +1,13 @@
-"""fairy2i_jax.training.config: the preset files load (the 7B preset is the official recipe) and bad overrides
-name the key. (Refusals of a whole run: test_loop.py; the schedules: test_schedule.py.)"""
+"""fairy2i_jax.training.config: the preset files load (the 7B preset is the official recipe), bad overrides name
+the key, and on resume a key the saved config lacks counts as its default. (Refusals of a whole run:
+test_loop.py; the schedules: test_schedule.py.)"""
 
 from pathlib import Path
 
 import pytest
 
-from fairy2i_jax.config import ConfigError
-from fairy2i_jax.training.config import DEFAULT_CONFIG, load_train_config
+from fairy2i_jax.config import ConfigError, to_dict
+from fairy2i_jax.training.config import DEFAULT_CONFIG, incompatible_changes, load_train_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -56,3 +57,15 @@ def test_mesh_seq_and_data_entries_are_checked():
                        ("data.test=[hf::en]", "expected hf:NAME")):
         with pytest.raises(ConfigError, match=match):
             load_train_config(CONFIGS / "debug.yaml", [bad])
+
+
+def test_keys_a_saved_config_lacks_count_as_their_defaults():
+    """A run saved before ``distill.teacher`` and ``optimizer.groups`` existed resumes with their defaults, not with
+    another value."""
+    current = to_dict(load_train_config(CONFIGS / "debug.yaml"))
+    saved = to_dict(load_train_config(CONFIGS / "debug.yaml"))
+    del saved["distill"]["teacher"], saved["optimizer"]["groups"]
+    assert incompatible_changes(saved, current) == []
+    frozen = to_dict(load_train_config(CONFIGS / "debug.yaml", ["distill.teacher=frozen",
+                                                                "optimizer.groups.norm_lr_scale=0.5"]))
+    assert incompatible_changes(saved, frozen) == ["distill.teacher", "optimizer.groups.norm_lr_scale"]

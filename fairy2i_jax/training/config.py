@@ -25,7 +25,7 @@ import dataclasses
 from pathlib import Path
 from typing import Iterable, Literal
 
-from fairy2i_jax.config import ConfigError, LocalPath, check_choices, load_config
+from fairy2i_jax.config import ConfigError, LocalPath, check_choices, load_config, to_dict
 from fairy2i_jax.convert import QuantSection
 from fairy2i_jax.data import HF_PREFIX, DocSplit, parse_hf_entry, store_entry_path
 from fairy2i_jax.hf.export import ExportFormat
@@ -313,6 +313,8 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 
 def incompatible_changes(saved: dict, current: dict) -> list[str]:
-    """Dotted keys whose values differ between two ``to_dict`` configs, except :data:`RESUMABLE_CHANGES`."""
-    a, b = flatten(saved), flatten(current)
+    """Dotted keys whose values differ between two ``to_dict`` configs, except :data:`RESUMABLE_CHANGES`. A key
+    the saved config lacks (one added since that run was written) counts as its default value, so a run keeps
+    resuming when new options appear with defaults that leave it as it was."""
+    a, b = {**flatten(to_dict(TrainConfig())), **flatten(saved)}, flatten(current)
     return sorted(k for k in set(a) | set(b) if k not in RESUMABLE_CHANGES and a.get(k) != b.get(k))
