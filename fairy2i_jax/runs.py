@@ -3,7 +3,8 @@
 Layout of ``run_dir`` (the one home of these names)::
 
     config.yaml          the resolved config of the run (written once; a resumed run must match it)
-    checkpoints/<step>/  orbax items: ``state`` (params, optimizer state, step, rng: StandardSave),
+    checkpoints/<step>/  orbax items: ``state`` (params, optimizer state, step, rng, and ``teacher`` with a
+                         frozen distillation teacher: StandardSave),
                          ``data`` (the grain iterator state, JSON, identical on every host) and
                          ``meta`` (step, tokens seen, the resolved config: JSON)
     metrics.jsonl, tensorboard/   see :mod:`fairy2i_jax.training.metrics`
@@ -44,7 +45,7 @@ METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 DEFAULT_EXPORT = "hf"
 RUN_OWNED = (RUN_CONFIG, CHECKPOINTS, METRICS, TENSORBOARD)  # what an export must never replace in a run dir
-STATE_ITEM, PARAMS = "state", "params"
+STATE_ITEM, PARAMS, TEACHER = "state", "params", "teacher"
 
 
 class CheckpointCorruptError(Fairy2iError, RuntimeError):

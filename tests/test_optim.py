@@ -1,6 +1,9 @@
 """fairy2i_jax.training.optim: the optimizer in real and complex coordinates of the complex masters. A W2 train
 step's SGD update against the official real-coordinate update (torch oracle), the coordinate maps on a hand-made
-param tree against JAX gradients of the real planes, the optimizer-space names, and AdamW against torch."""
+param tree against JAX gradients of the real planes, the optimizer-space names, AdamW against torch, and the
+parameter groups (labels by module type, the default chain unchanged, scales and no-decay, in a train step)."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +15,7 @@ import torch
 from fairy2i_jax.models.config import ModelConfig
 from fairy2i_jax.models.linear import LinearSpec
 from fairy2i_jax.models.llama import abstract_model
+from fairy2i_jax.training.config import GroupsSection
 from fairy2i_jax.training.optim import (
     grads_to_opt,
     make_optimizer,
@@ -20,7 +24,8 @@ from fairy2i_jax.training.optim import (
     params_to_opt,
     updates_from_opt,
 )
-from fairy2i_jax.training.state import Axes
+from fairy2i_jax.training.schedule import make_schedule
+from fairy2i_jax.training.state import Axes, ParamLayout
 from fairy2i_jax.widely_linear import from_widely_linear, to_widely_linear
 from model_helpers import model_cls_copy
 from train_helpers import converted, harness, host, optimizer, random_batch
@@ -188,3 +193,121 @@ def test_adamw_with_clipping_and_decay_equals_torch():
         torch.nn.utils.clip_grad_norm_([theirs], 0.5)
         torch_opt.step()
     np.testing.assert_allclose(params["w"], theirs.detach().numpy(), rtol=1e-5, atol=1e-7)
+
+
+# -- parameter groups ---------------------------------------------------------------------------------------------
+
+
+def _flat_groups(tree) -> dict[str, str]:
+    return {".".join(str(getattr(k, "key", k)) for k in path): g
+            for path, g in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_param_groups_follow_the_module_types():
+    """Embedding table, every RMSNorm weight, the untied head, everything else ``linear``; the optimizer-space
+    leaves (``A``, planes) take their linear's group; a tied head has no param of its own."""
+    config = ModelConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2,
+                         num_kv_heads=1, tie_word_embeddings=False)
+    wl = LinearSpec("widely_linear")
+    layout = ParamLayout(abstract_model(config, {"model.layers.1.mlp.up_proj": wl, "lm_head": wl}))
+    groups = _flat_groups(layout.groups)
+    assert groups["embed_tokens.embedding"] == "embed" and groups["norm.weight"] == "norm"
+    assert groups["layers.0.input_layernorm.weight"] == groups["layers.1.post_attention_layernorm.weight"] == "norm"
+    assert groups["lm_head.U"] == groups["lm_head.W"] == "head"
+    assert groups["layers.1.mlp.up_proj.U"] == groups["layers.0.self_attn.q_proj.kernel"] == "linear"
+    assert sorted(set(groups.values())) == ["embed", "head", "linear", "norm"]
+    assert _flat_groups(layout.opt_groups("real"))["lm_head.A"] == "head"
+    assert {k: v for k, v in _flat_groups(layout.opt_groups("complex")).items() if k.startswith("lm_head")} == \
+        {"lm_head.U": "head", "lm_head.W": "head"}
+    tied = ParamLayout(abstract_model(dataclasses.replace(config, tie_word_embeddings=True, scan_layers=True)))
+    assert "head" not in _flat_groups(tied.groups).values()
+    assert _flat_groups(tied.groups)["layers.input_layernorm.weight"] == "norm"
+
+
+GROUPS = {"embed": {"embedding": "embed"}, "norm": {"weight": "norm"}, "head": {"A": "head"},
+          "lin": {"A": "linear", "bias": "linear"}}
+
+
+def _group_params(rng):
+    shapes = {"embed": {"embedding": (6, 4)}, "norm": {"weight": (4,)}, "head": {"A": (6, 4)},
+              "lin": {"A": (4, 4), "bias": (4,)}}
+    return jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s), jnp.float32), shapes,
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _updates(tx, params, grads):
+    """The update of each of ``grads`` in turn (the params moved by each)."""
+    state, out = tx.init(params), []
+    for g in grads:
+        updates, state = tx.update(g, state, params)
+        params = optax.apply_updates(params, updates)
+        out.append(updates)
+    return out
+
+
+def _grads(rng, params, n=3):
+    return [jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params) for _ in range(n)]
+
+
+def test_default_groups_leave_the_optimizer_unchanged():
+    """With the default groups, with or without the group tree, the chain is the one of before (clip -> Adam ->
+    decay -> lr), the same state layout and the same updates bit for bit over three steps."""
+    rng = np.random.default_rng(3)
+    params = _group_params(rng)
+    grads = _grads(rng, params)
+    opt = optimizer("adamw", 1e-2, clip_norm=0.5, weight_decay=0.1)
+    before = optax.chain(optax.clip_by_global_norm(0.5), optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps),
+                         optax.add_decayed_weights(0.1), optax.scale_by_learning_rate(make_schedule(opt, 10)))
+    want = _updates(before, params, grads)
+    for tx in (make_optimizer(opt, 10)[0], make_optimizer(opt, 10, GROUPS)[0]):
+        assert jax.tree.structure(tx.init(params)) == jax.tree.structure(before.init(params))
+        for got, ref in zip(_updates(tx, params, grads), want):
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+                np.testing.assert_array_equal(a, b)
+
+
+def test_group_scales_and_no_decay():
+    """First AdamW step (clipping and decay on): embed scale 0 gives a zero update (frozen exactly, also after
+    three steps), norm scale 0.5 exactly half the default update, ``no_decay: [head]`` the head's update without
+    the decay term, the other groups unchanged; a non-default section needs the group tree."""
+    rng = np.random.default_rng(4)
+    params = _group_params(rng)
+    grads = _grads(rng, params)
+    base = optimizer("adamw", 1e-2, clip_norm=0.5, weight_decay=0.1)
+    grouped = dataclasses.replace(base, groups=GroupsSection(embed_lr_scale=0.0, norm_lr_scale=0.5,
+                                                             no_decay=("head",)))
+    (ref,) = _updates(make_optimizer(base, 10)[0], params, grads[:1])
+    (no_wd,) = _updates(make_optimizer(dataclasses.replace(base, weight_decay=0.0), 10)[0], params, grads[:1])
+    got = _updates(make_optimizer(grouped, 10, GROUPS)[0], params, grads)
+    np.testing.assert_array_equal(got[0]["embed"]["embedding"], np.zeros((6, 4)))
+    np.testing.assert_array_equal(got[0]["norm"]["weight"], 0.5 * ref["norm"]["weight"])
+    np.testing.assert_array_equal(got[0]["head"]["A"], no_wd["head"]["A"])
+    assert not np.array_equal(no_wd["head"]["A"], ref["head"]["A"])
+    for key in ("A", "bias"):
+        np.testing.assert_array_equal(got[0]["lin"][key], ref["lin"][key])
+    moved = params
+    for updates in got:
+        moved = optax.apply_updates(moved, updates)
+    np.testing.assert_array_equal(moved["embed"]["embedding"], params["embed"]["embedding"])
+    with pytest.raises(ValueError, match="optimizer.groups is set"):
+        make_optimizer(grouped, 10)
+
+
+def test_group_scales_in_the_train_step(w2_model):
+    """A W2 train step (real coordinates, AdamW lr 1e-3, no clipping): embed scale 0 leaves the embedding table
+    exactly as it was, norm scale 0.5 moves every norm weight by 0.5 lr (the first Adam step is lr * g / (|g| +
+    eps)), the linears' real matrices A = R(U, W) move by lr."""
+    lr = 1e-3
+    opt = optimizer("adamw", lr, groups=GroupsSection(embed_lr_scale=0.0, norm_lr_scale=0.5))
+    batch = random_batch(4, 12, 256, seed=6)
+    h = harness(w2_model, opt, batch["input_ids"].shape)
+    before = host(h.state.params)
+    h.run(batch)
+    after = host(h.state.params)
+    np.testing.assert_array_equal(after["embed_tokens"]["embedding"], before["embed_tokens"]["embedding"])
+    for i in range(2):
+        d = after["layers"][i]["input_layernorm"]["weight"] - before["layers"][i]["input_layernorm"]["weight"]
+        np.testing.assert_allclose(np.abs(d), 0.5 * lr, rtol=2e-3)
+    lin = lambda p: from_widely_linear(p["U"], p["W"])
+    down_b, down_a = before["layers"][0]["mlp"]["down_proj"], after["layers"][0]["mlp"]["down_proj"]
+    assert np.median(np.abs(np.asarray(lin(down_a)) - np.asarray(lin(down_b)))) == pytest.approx(lr, rel=1e-2)

@@ -145,10 +145,10 @@ def test_the_step_declares_the_activation_shardings_and_seq_is_a_rule():
 
     model = _tiny_w2()
     h = _harness(model, TINY_MESH)
-    found = _constraints(h.step.lower(h.state, _batch(0)).as_text())
+    found = _constraints(h.step.lower(h.state, _batch(0), None).as_text())
     assert set(DECLARED) <= found, sorted(set(DECLARED) - found)
     seq = _harness(model, TINY_MESH, seq="tensor")
-    found = _constraints(seq.step.lower(seq.state, _batch(0)).as_text())
+    found = _constraints(seq.step.lower(seq.state, _batch(0), None).as_text())
     assert ('[{"data", "fsdp"}, {"tensor"}, {}]', "4x16x64") in found  # residual: sequence over tensor
     assert ('[{"data", "fsdp"}, {}, {"tensor"}, {}]', "4x16x4x16") in found  # q heads still over tensor
     x = jnp.ones((4, 16, 64))
@@ -180,7 +180,7 @@ def test_sharded_step_keeps_the_declared_shardings_and_equals_one_device():
     """
     model = _tiny_w2()
     one, many = _harness(model, (1, 1, 1)), _harness(model, TINY_MESH)
-    compiled = many.step.lower(many.state, _batch(0)).compile()
+    compiled = many.step.lower(many.state, _batch(0), None).compile()
     text = compiled.as_text()
     for shape, what in (("f32[1,16,130]", "logits: 1 row, half the vocab"), ("f32[1,16,2,16]", "q: half the heads"),
                         ("f32[1,16,1,16]", "k / v: half the kv heads")):

@@ -1,12 +1,13 @@
-"""fairy2i_jax.training.config: the preset files load (the 7B preset is the official recipe) and bad overrides
-name the key. (Refusals of a whole run: test_loop.py; the schedules: test_schedule.py.)"""
+"""fairy2i_jax.training.config: the preset files load (the 7B preset is the official recipe), bad overrides name
+the key, and on resume a key the saved config lacks counts as its default. (Refusals of a whole run:
+test_loop.py; the schedules: test_schedule.py.)"""
 
 from pathlib import Path
 
 import pytest
 
-from fairy2i_jax.config import ConfigError
-from fairy2i_jax.training.config import DEFAULT_CONFIG, load_train_config
+from fairy2i_jax.config import ConfigError, to_dict
+from fairy2i_jax.training.config import DEFAULT_CONFIG, incompatible_changes, load_train_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -29,11 +30,15 @@ def test_presets_load_and_the_7b_preset_is_the_official_recipe():
 
 @pytest.mark.parametrize("override, message", [
     ("optimizer.lrr=1", "unknown config key(s) 'optimizer.lrr' in section 'optimizer'; valid keys: b1, b2, "
-                        "clip_norm, coordinates, decay_stages, eps, lr, min_lr_factor, name, schedule, "
+                        "clip_norm, coordinates, decay_stages, eps, groups, lr, min_lr_factor, name, schedule, "
                         "warmup_steps, weight_decay"),
     ("optimizer.coordinates=polar", "optimizer.coordinates = 'polar' is not one of ['real', 'complex']"),
     ("train.grad_accum=3", "data.global_batch 8 is not a multiple of train.grad_accum 3"),
     ("optimizer.decay_stages=[[10, 5, 0.5]]", "optimizer.decay_stages[0] = (10, 5, 0.5)"),
+    ("distill.teacher=moving", "distill.teacher = 'moving' is not one of ['self', 'frozen']"),
+    ("optimizer.groups.embed_lr_scale=-1", "optimizer.groups.embed_lr_scale must be >= 0, got -1.0"),
+    ("optimizer.groups.no_decay=[bias]", "optimizer.groups.no_decay[0] = 'bias' is not one of ['embed', 'norm', "
+                                         "'head', 'linear']"),
 ])
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
@@ -52,3 +57,15 @@ def test_mesh_seq_and_data_entries_are_checked():
                        ("data.test=[hf::en]", "expected hf:NAME")):
         with pytest.raises(ConfigError, match=match):
             load_train_config(CONFIGS / "debug.yaml", [bad])
+
+
+def test_keys_a_saved_config_lacks_count_as_their_defaults():
+    """A run saved before ``distill.teacher`` and ``optimizer.groups`` existed resumes with their defaults, not with
+    another value."""
+    current = to_dict(load_train_config(CONFIGS / "debug.yaml"))
+    saved = to_dict(load_train_config(CONFIGS / "debug.yaml"))
+    del saved["distill"]["teacher"], saved["optimizer"]["groups"]
+    assert incompatible_changes(saved, current) == []
+    frozen = to_dict(load_train_config(CONFIGS / "debug.yaml", ["distill.teacher=frozen",
+                                                                "optimizer.groups.norm_lr_scale=0.5"]))
+    assert incompatible_changes(saved, frozen) == ["distill.teacher", "optimizer.groups.norm_lr_scale"]

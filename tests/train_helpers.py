@@ -21,6 +21,7 @@ from fairy2i_jax.training.config import DistillSection, OptimizerSection
 from fairy2i_jax.training.optim import make_optimizer
 from fairy2i_jax.training.state import ParamLayout, init_state
 from fairy2i_jax.training.step import jit_train_step, make_train_step
+from fairy2i_jax.training.teacher import frozen_teacher, teacher_shardings
 
 
 def optimizer(name="sgd", lr=0.1, coordinates="real", **kw) -> OptimizerSection:
@@ -32,27 +33,34 @@ def optimizer(name="sgd", lr=0.1, coordinates="real", **kw) -> OptimizerSection:
 
 @dataclasses.dataclass
 class Harness:
-    """A jitted train step of ``model`` on ``mesh`` with its initial state."""
+    """A jitted train step of ``model`` on ``mesh`` with its initial state (and frozen teacher, if any)."""
 
     layout: ParamLayout
     state: object  # TrainState
     step: object
     mesh: object
+    teacher: object = None  # Teacher
 
     def run(self, batch: dict[str, np.ndarray]):
-        self.state, metrics = self.step(self.state, {k: jnp.asarray(v) for k, v in batch.items()})
+        self.state, metrics = self.step(self.state, {k: jnp.asarray(v) for k, v in batch.items()}, self.teacher)
         return jax.device_get(metrics)
 
 
 def harness(model, opt: OptimizerSection, batch_shape, *, mesh_shape=(1, 1, 1), grad_accum=1,
-            distill: DistillSection = DistillSection(), seed=0) -> Harness:
+            distill: DistillSection = DistillSection(), seed=0, teacher_model=None) -> Harness:
+    """With ``distill.teacher=frozen`` the teacher is :func:`frozen_teacher` of ``teacher_model`` (default:
+    ``model`` itself, i.e. the converted model at step 0)."""
     mesh = make_mesh(*mesh_shape)
     layout = ParamLayout(model)
-    tx, schedule = make_optimizer(opt, 100)
+    tx, schedule = make_optimizer(opt, 100, layout.opt_groups(opt.coordinates))
     state, shardings = init_state(layout, model, tx, opt.coordinates, seed, mesh)
     fn = make_train_step(layout, tx, schedule, coordinates=opt.coordinates, grad_accum=grad_accum,
                          distill=distill, mesh=mesh)
-    return Harness(layout, state, jit_train_step(fn, shardings, mesh, batch_shape), mesh)
+    teacher = t_shardings = None
+    if distill.frozen:
+        teacher_model = model if teacher_model is None else teacher_model
+        teacher, t_shardings = frozen_teacher(teacher_model, mesh), teacher_shardings(teacher_model, mesh)
+    return Harness(layout, state, jit_train_step(fn, shardings, mesh, batch_shape, t_shardings), mesh, teacher)
 
 
 @functools.lru_cache(maxsize=None)

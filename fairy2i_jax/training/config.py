@@ -25,14 +25,15 @@ import dataclasses
 from pathlib import Path
 from typing import Iterable, Literal
 
-from fairy2i_jax.config import ConfigError, LocalPath, check_choices, load_config
+from fairy2i_jax.config import ConfigError, LocalPath, check_choices, load_config, to_dict
 from fairy2i_jax.convert import QuantSection
 from fairy2i_jax.data import HF_PREFIX, DocSplit, parse_hf_entry, store_entry_path
 from fairy2i_jax.hf.export import ExportFormat
 from fairy2i_jax.models.config import DtypeName
 from fairy2i_jax.sources import ModelSection
-from fairy2i_jax.training.optim import Coordinates, OptimizerName
+from fairy2i_jax.training.optim import PARAM_GROUPS, Coordinates, OptimizerName, ParamGroup
 from fairy2i_jax.training.schedule import ScheduleName
+from fairy2i_jax.training.teacher import TeacherName
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # the presets, shipped with the package
 DEFAULT_CONFIG = CONFIG_DIR / "smollm2_135m_w2.yaml"
@@ -113,12 +114,45 @@ class DataSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class GroupsSection:
+    """Parameter groups (``optimizer.groups``; the groups and their formula: :mod:`fairy2i_jax.training.optim`):
+    ``embed`` the embedding table (with tied embeddings also the head), ``norm`` the RMSNorm weights, ``head`` the
+    untied output head, ``linear`` every other param (the decoder linears and their biases).
+
+    ``embed_lr_scale`` / ``norm_lr_scale`` / ``head_lr_scale``: that group's learning rate is ``scale * lr(s)``
+    (``0`` = frozen; ``linear`` keeps ``lr(s)``). ``no_decay``: groups that ``optimizer.weight_decay`` skips (e.g.
+    ``[embed, norm]``). The defaults (1, 1, 1, none) are one group: the optimizer without groups, bit for bit.
+    """
+
+    embed_lr_scale: float = 1.0
+    norm_lr_scale: float = 1.0
+    head_lr_scale: float = 1.0
+    no_decay: tuple[ParamGroup, ...] = ()
+
+    def __post_init__(self):
+        for name in ("embed", "norm", "head"):
+            scale = getattr(self, f"{name}_lr_scale")
+            _check(scale >= 0, f"optimizer.groups.{name}_lr_scale must be >= 0, got {scale}")
+
+    def lr_scales(self) -> dict[str, float]:
+        """``{group: lr scale}`` for every group of :data:`~fairy2i_jax.training.optim.PARAM_GROUPS`."""
+        scales = {"embed": self.embed_lr_scale, "norm": self.norm_lr_scale, "head": self.head_lr_scale}
+        return {name: float(scales.get(name, 1.0)) for name in PARAM_GROUPS}
+
+    @property
+    def is_default(self) -> bool:
+        """True for the defaults (no group transform at all)."""
+        return self == GroupsSection()
+
+
+@dataclasses.dataclass(frozen=True)
 class OptimizerSection:
     """Optimizer, learning-rate schedule (module docstring) and the coordinates Adam works in.
 
     ``coordinates``: ``real`` = Adam statistics on the original real weight ``A = recompose(U, W)`` (the
     official dynamics, exactly); ``complex`` = Adam per real / imaginary coordinate of ``U`` and ``W``.
-    ``clip_norm``: global-norm gradient clipping in those coordinates (0 = off).
+    ``clip_norm``: global-norm gradient clipping in those coordinates (0 = off). ``groups``: per-group learning
+    rate scales and weight decay (:class:`GroupsSection`).
     """
 
     name: OptimizerName = "adamw"
@@ -133,6 +167,7 @@ class OptimizerSection:
     decay_stages: tuple[tuple[int, int, float], ...] = ((8000, 10000, 0.1667), (19000, 20000, 0.03333))
     min_lr_factor: float = 0.1  # final factor of the cosine schedule
     coordinates: Coordinates = "real"
+    groups: GroupsSection = dataclasses.field(default_factory=GroupsSection)
 
     def __post_init__(self):
         check_choices(self, "optimizer")
@@ -151,17 +186,28 @@ class OptimizerSection:
 
 @dataclasses.dataclass(frozen=True)
 class DistillSection:
-    """Distillation from the unquantized teacher (same masters, quantization off); ``weight = 0`` is off.
+    """Logits distillation in the QAT steps; ``weight = 0`` is off (no teacher is made or stored).
 
-    Loss ``(1 - weight) * CE + weight * temperature^2 * KL(teacher_T || student_T)`` per scored token.
+    Loss ``(1 - weight) * CE + weight * temperature^2 * KL(teacher_T || student_T)`` per scored token, with
+    ``p_T = softmax(logits / temperature)``. ``teacher`` (:mod:`fairy2i_jax.training.teacher`): ``self`` = the
+    student's own masters with quantization off, re-made every step (it drifts with training); ``frozen`` = the
+    original real model, held fixed in the compute dtype for the whole run (one more compute-dtype copy of the
+    model on the devices and in every checkpoint).
     """
 
     weight: float = 0.0
     temperature: float = 1.0
+    teacher: TeacherName = "self"
 
     def __post_init__(self):
+        check_choices(self, "distill")
         _check(0.0 <= self.weight <= 1.0, f"distill.weight must be in [0, 1], got {self.weight}")
         _check(self.temperature > 0, f"distill.temperature must be > 0, got {self.temperature}")
+
+    @property
+    def frozen(self) -> bool:
+        """True when the steps distill from a frozen teacher (``weight > 0`` and ``teacher: frozen``)."""
+        return self.weight > 0 and self.teacher == "frozen"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,6 +313,8 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 
 def incompatible_changes(saved: dict, current: dict) -> list[str]:
-    """Dotted keys whose values differ between two ``to_dict`` configs, except :data:`RESUMABLE_CHANGES`."""
-    a, b = flatten(saved), flatten(current)
+    """Dotted keys whose values differ between two ``to_dict`` configs, except :data:`RESUMABLE_CHANGES`. A key
+    the saved config lacks (one added since that run was written) counts as its default value, so a run keeps
+    resuming when new options appear with defaults that leave it as it was."""
+    a, b = {**flatten(to_dict(TrainConfig())), **flatten(saved)}, flatten(current)
     return sorted(k for k in set(a) | set(b) if k not in RESUMABLE_CHANGES and a.get(k) != b.get(k))

@@ -6,9 +6,10 @@
    model's positions and an existing run's ``config.yaml`` checked for compatibility (it must match, except the
    keys of ``RESUMABLE_CHANGES``). Nothing is written before all of this has passed.
 2. The run directory: ``config.yaml`` (fresh runs), ``checkpoints/``, the metrics logger.
-3. :func:`resume` restores the latest checkpoint (state, data-iterator position) into the abstract converted
-   model; :func:`fresh_start` loads the real model, optionally reports its fp perplexity, converts it
-   (``quant.preset``), reports the PTQ perplexity, and starts from step 0.
+3. :func:`resume` restores the latest checkpoint (state, data-iterator position, the frozen teacher) into the
+   abstract converted model; :func:`fresh_start` loads the real model, optionally reports its fp perplexity,
+   converts it (``quant.preset``), keeps the real model as the frozen teacher when ``distill.teacher: frozen``
+   (:mod:`fairy2i_jax.training.teacher`), reports the PTQ perplexity, and starts from step 0.
 4. :func:`train_steps` until ``train.steps``: the next global batch (each host reads its own rows and the global
    array is assembled with ``jax.make_array_from_process_local_data``), the jitted step, metrics (loss, lr, grad
    norm, tokens/s, MFU) every ``log_every`` steps, held-out loss every ``eval_every`` steps, a checkpoint every
@@ -54,6 +55,7 @@ from fairy2i_jax.training.state import (
     state_shardings,
 )
 from fairy2i_jax.training.step import batch_sharding, jit_train_step, make_train_step
+from fairy2i_jax.training.teacher import Teacher, abstract_teacher, frozen_teacher, teacher_shardings
 
 
 class TrainingDiverged(Fairy2iError, RuntimeError):
@@ -224,12 +226,14 @@ def _before_label(cfg: TrainConfig, name: str) -> str:
 
 @dataclasses.dataclass
 class Trainer:
-    """The static parts of training a model: its layout, optimizer, schedule and state shardings."""
+    """The static parts of training a model: its layout, optimizer, schedule and state shardings, and the frozen
+    teacher's shardings (None unless ``distill.teacher: frozen``)."""
 
     layout: ParamLayout
     tx: Any
     schedule: Any
     shardings: TrainState
+    teacher_shardings: Teacher | None = None
     _held_out: HeldOutLoss | None = None
 
     def held_out_loss(self, ctx: RunContext) -> HeldOutLoss | None:
@@ -241,36 +245,49 @@ class Trainer:
     @classmethod
     def for_model(cls, model, cfg: TrainConfig, mesh) -> "Trainer":
         layout = ParamLayout(model)
-        tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
-        return cls(layout, tx, schedule, state_shardings(layout, tx, cfg.optimizer.coordinates, mesh))
+        tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps, layout.opt_groups(cfg.optimizer.coordinates))
+        return cls(layout, tx, schedule, state_shardings(layout, tx, cfg.optimizer.coordinates, mesh),
+                   teacher_shardings(model, mesh) if cfg.distill.frozen else None)
 
 
-def fresh_start(ctx: RunContext, result: RunResult) -> tuple[Trainer, TrainState]:
-    """The converted pretrained model as a fresh train state, after the fp / PTQ perplexity reports."""
+def fresh_start(ctx: RunContext, result: RunResult) -> tuple[Trainer, TrainState, Teacher | None]:
+    """The converted pretrained model as a fresh train state, after the fp / PTQ perplexity reports, and the
+    frozen teacher (the real model as loaded; None unless ``distill.teacher: frozen``)."""
     cfg = ctx.cfg
     real = setup.load_real_model(cfg, ctx.mesh)
     if cfg.eval.ppl_before and cfg.quant.spec.quantized:
         _report_ppl(ctx, result, "fp", real, _before_label(cfg, "fp"))
     model = setup.convert_for_training(cfg, real)
+    teacher = frozen_teacher(real, ctx.mesh) if cfg.distill.frozen else None
     del real
     if cfg.eval.ppl_before:
         _report_ppl(ctx, result, "ptq", model, _before_label(cfg, "ptq"))
     trainer = Trainer.for_model(model, cfg, ctx.mesh)
     state, _ = init_state(trainer.layout, model, trainer.tx, cfg.optimizer.coordinates, cfg.train.seed, ctx.mesh,
                           copy=False)
-    return trainer, state
+    return trainer, state, teacher
 
 
-def resume(ctx: RunContext, latest: int) -> tuple[Trainer, TrainState, dict]:
-    """``(trainer, state, data-iterator state)`` of checkpoint ``latest``, restored into the abstract model."""
+def checkpoint_tree(state: TrainState, teacher: Teacher | None) -> dict:
+    """The ``state`` item of a checkpoint: the train state's dict, plus the frozen teacher under
+    :data:`fairy2i_jax.runs.TEACHER` when there is one."""
+    return {**state.as_dict(), **({runs.TEACHER: teacher.as_dict()} if teacher is not None else {})}
+
+
+def resume(ctx: RunContext, latest: int) -> tuple[Trainer, TrainState, dict, Teacher | None]:
+    """``(trainer, state, data-iterator state, frozen teacher or None)`` of checkpoint ``latest``, restored into
+    the abstract model (the teacher's exact bits from the checkpoint, see :mod:`fairy2i_jax.training.teacher`)."""
     cfg = ctx.cfg
-    trainer = Trainer.for_model(setup.abstract_training_model(cfg), cfg, ctx.mesh)
+    model = setup.abstract_training_model(cfg)
+    trainer = Trainer.for_model(model, cfg, ctx.mesh)
     target = abstract_state(trainer.layout, trainer.tx, cfg.optimizer.coordinates, trainer.shardings)
-    tree, data_state, _ = ctx.checkpoints.restore(latest, target.as_dict())
+    teacher_target = abstract_teacher(model, ctx.mesh) if cfg.distill.frozen else None
+    tree, data_state, _ = ctx.checkpoints.restore(latest, checkpoint_tree(target, teacher_target))
+    teacher = Teacher.from_dict(tree.pop(runs.TEACHER)) if teacher_target is not None else None
     state = TrainState.from_dict(tree)
     ctx.logger.record({"event": "resume", "step": latest})
     ctx.say(f"resumed from {ctx.checkpoints.directory}/{latest} (step {int(state.step)})")
-    return trainer, state, data_state
+    return trainer, state, data_state, teacher
 
 
 def _copy(state: Any) -> Any:
@@ -285,9 +302,9 @@ def _step_metrics(m: dict, tps: float | None, n_params: int) -> dict:
 
 
 def train_steps(ctx: RunContext, trainer: Trainer, state: TrainState, data_state: dict | None,
-                result: RunResult) -> TrainState:
-    """Steps from ``state.step`` to ``train.steps`` (module docstring, step 4); ``result.step`` /
-    ``result.interrupted`` record where it stopped."""
+                result: RunResult, teacher: Teacher | None = None) -> TrainState:
+    """Steps from ``state.step`` to ``train.steps`` (module docstring, step 4; ``teacher``: the frozen teacher,
+    saved with every checkpoint); ``result.step`` / ``result.interrupted`` record where it stopped."""
     cfg, d, checkpoints, logger = ctx.cfg, ctx.cfg.data, ctx.checkpoints, ctx.logger
     step, n_params = int(jax.device_get(state.step)), param_count(state.params)
     it = iter(train_dataset(ctx.train_corpus, seq_len=d.seq_len, global_batch=d.global_batch, seed=d.seed,
@@ -300,12 +317,12 @@ def train_steps(ctx: RunContext, trainer: Trainer, state: TrainState, data_state
     step_fn = jit_train_step(make_train_step(trainer.layout, trainer.tx, trainer.schedule,
                                              coordinates=cfg.optimizer.coordinates, grad_accum=cfg.train.grad_accum,
                                              distill=cfg.distill, mesh=ctx.mesh, seq=cfg.mesh.seq_axis),
-                             trainer.shardings, ctx.mesh, shape)
+                             trainer.shardings, ctx.mesh, shape, trainer.teacher_shardings)
     held_out = trainer.held_out_loss(ctx) if cfg.train.eval_every else None
 
     def save(at: int, cur_state: TrainState, cur_data) -> None:
         meta = {"step": at, "tokens_seen": float(at * d.global_batch * d.seq_len), "config": to_dict(cfg)}
-        if checkpoints.save(at, cur_state.as_dict(), cur_data, meta):
+        if checkpoints.save(at, checkpoint_tree(cur_state, teacher), cur_data, meta):
             logger.write(f"checkpoint {at} -> {checkpoints.directory / str(at)}")
 
     with StopFlag() as stop:
@@ -314,7 +331,7 @@ def train_steps(ctx: RunContext, trainer: Trainer, state: TrainState, data_state
             batch_np, after_fetch = next(it), _copy(it.get_state())
         t_last, tokens_since, first = time.perf_counter(), 0, True
         while step < cfg.train.steps:
-            state, metrics = step_fn(state, global_batch(batch_np, bsh, shape))
+            state, metrics = step_fn(state, global_batch(batch_np, bsh, shape), teacher)
             consumed = after_fetch
             if step + 1 < cfg.train.steps:  # fetch the next batch while the device works
                 batch_np, after_fetch = next(it), _copy(it.get_state())
@@ -376,11 +393,11 @@ def run(cfg: TrainConfig) -> RunResult:
     try:
         try:
             if latest is None:
-                trainer, state = fresh_start(ctx, result)
+                trainer, state, teacher = fresh_start(ctx, result)
                 data_state = None
             else:
-                trainer, state, data_state = resume(ctx, latest)
-            state = train_steps(ctx, trainer, state, data_state, result)
+                trainer, state, data_state, teacher = resume(ctx, latest)
+            state = train_steps(ctx, trainer, state, data_state, result, teacher)
         finally:
             ctx.checkpoints.close()
         if not result.interrupted:

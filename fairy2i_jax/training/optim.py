@@ -22,6 +22,14 @@ wrong way. Everything here therefore runs the optimizer on real float32 arrays (
 
 Real params (embeddings, norms, real kernels, biases) are the same in both spaces (cast to float32).
 Clipping uses the global norm of the optimizer-space gradient, so with ``real`` it is the official norm.
+
+Parameter groups (``optimizer.groups``, :data:`ParamGroup`), found by module type (:func:`param_groups`):
+``embed`` the embedding table (``nnx.Embed``; with tied embeddings also the head's matrix), ``norm`` every
+``RMSNorm`` weight, ``head`` the untied output head (``lm_head``), ``linear`` everything else (the decoder
+linears' weights and biases). Group ``g``'s update is ``s_g * u`` with ``u`` the update of the chain below
+(clipping over all groups together, Adam, decay unless ``g`` is in ``no_decay``, lr), i.e. its own learning rate
+``s_g * lr(s)``; ``s_g = 0`` freezes it exactly (its moments still run). With the defaults (every scale 1, no
+``no_decay``) no group transform is added: the optimizer is the one of before, bit for bit.
 """
 
 from __future__ import annotations
@@ -33,7 +41,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from flax import nnx
+
 from fairy2i_jax.convert import model_variables
+from fairy2i_jax.models.layers import RMSNorm
 from fairy2i_jax.models.linear import MASTER_NAMES, ComplexMaster
 from fairy2i_jax.training.schedule import make_schedule
 from fairy2i_jax.widely_linear import decompose_planes, recompose_planes
@@ -48,6 +59,9 @@ OptimizerName = Literal["adamw", "sgd"]
 COORDINATES: tuple[str, ...] = typing.get_args(Coordinates)
 OPT_REAL_NAME = "A"  # the optimizer-space leaf of a linear's real weight (real coordinates)
 OPTIMIZERS: tuple[str, ...] = typing.get_args(OptimizerName)
+ParamGroup = Literal["embed", "norm", "head", "linear"]
+PARAM_GROUPS: tuple[str, ...] = typing.get_args(ParamGroup)
+DEFAULT_GROUP = "linear"
 
 
 MasterNodes = frozenset  # paths (tuples of str keys) of the param-dict nodes that hold complex masters
@@ -127,33 +141,75 @@ def updates_from_opt(updates: Tree, params: Tree, masters: MasterNodes, coordina
     return updates.astype(params.dtype)
 
 
-def opt_space_names(names: Tree, masters: MasterNodes, coordinates: str) -> Tree:
-    """Logical axis names of the optimizer-space leaves from those of the params (``A`` shards like the real
-    kernel, i.e. like U; planes get an unsharded leading axis)."""
+def _opt_space_like(tree: Tree, masters: MasterNodes, coordinates: str, plane: Callable[[Any], Any]) -> Tree:
+    """A param-shaped tree of per-leaf metadata in optimizer space: ``A`` takes U's entry (real coordinates), the
+    planes ``plane(entry)`` of U and W (complex coordinates)."""
     u, w = MASTER_NAMES
 
     def linear(node):
         rest = {k: v for k, v in node.items() if k not in MASTER_NAMES}
         if coordinates == "real":
             return {**rest, OPT_REAL_NAME: node[u]}
-        return {**rest, u: node[u].with_leading(None), w: node[w].with_leading(None)}
+        return {**rest, u: plane(node[u]), w: plane(node[w])}
 
-    return _walk(names, masters, linear, lambda leaf: leaf)
+    return _walk(tree, masters, linear, lambda leaf: leaf)
 
 
-def make_optimizer(opt: OptimizerSection, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
-    """``(tx, schedule)``: [clip_by_global_norm] -> [scale_by_adam] -> [add_decayed_weights] -> lr schedule.
+def opt_space_names(names: Tree, masters: MasterNodes, coordinates: str) -> Tree:
+    """Logical axis names of the optimizer-space leaves from those of the params (``A`` shards like the real
+    kernel, i.e. like U; planes get an unsharded leading axis)."""
+    return _opt_space_like(names, masters, coordinates, lambda axes: axes.with_leading(None))
+
+
+def param_groups(model) -> Tree:
+    """The :data:`ParamGroup` of every param of ``model`` (module docstring), as a tree shaped like its pure param
+    dict: the group of the nearest enclosing ``nnx.Embed`` / ``RMSNorm`` / ``model.lm_head``, else ``linear``."""
+    owners = {}
+    for path, node in nnx.iter_graph(model):
+        key = tuple(str(k) for k in path)
+        if isinstance(node, nnx.Embed):
+            owners[key] = "embed"
+        elif isinstance(node, RMSNorm):
+            owners[key] = "norm"
+        elif node is model.lm_head:
+            owners[key] = "head"
+
+    def group(key_path, _):
+        path = tuple(str(getattr(k, "key", k)) for k in key_path)
+        return next((owners[path[:i]] for i in range(len(path), 0, -1) if path[:i] in owners), DEFAULT_GROUP)
+
+    return jax.tree_util.tree_map_with_path(group, nnx.to_pure_dict(nnx.state(model)))
+
+
+def opt_space_groups(groups: Tree, masters: MasterNodes, coordinates: str) -> Tree:
+    """:func:`param_groups` carried to the optimizer-space leaves (``A`` and the planes take their linear's)."""
+    return _opt_space_like(groups, masters, coordinates, lambda group: group)
+
+
+def make_optimizer(opt: OptimizerSection, total_steps: int,
+                   groups: Tree | None = None) -> tuple[optax.GradientTransformation, Callable]:
+    """``(tx, schedule)``: [clip_by_global_norm] -> [scale_by_adam] -> [add_decayed_weights, masked by
+    ``groups.no_decay``] -> lr schedule -> [per-group scale].
 
     ``adamw`` matches torch ``AdamW`` (bias-corrected moments, ``eps`` outside the square root, decoupled decay
-    ``-lr * wd * A``); ``sgd`` is ``-lr * g`` (plus decay when set).
+    ``-lr * wd * A``); ``sgd`` is ``-lr * g`` (plus decay when set). ``groups``: the optimizer-space tree of
+    :data:`ParamGroup` names (:meth:`~fairy2i_jax.training.state.ParamLayout.opt_groups`), needed only when
+    ``opt.groups`` is not the default (a ``ValueError`` otherwise).
     """
     schedule = make_schedule(opt, total_steps)
+    g = opt.groups
+    if not g.is_default and groups is None:
+        raise ValueError("optimizer.groups is set: make_optimizer needs the param groups (ParamLayout.opt_groups)")
     parts = []
     if opt.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(opt.clip_norm))
     if opt.name == "adamw":
         parts.append(optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps))
     if opt.weight_decay > 0:
-        parts.append(optax.add_decayed_weights(opt.weight_decay))
+        mask = jax.tree.map(lambda group: group not in g.no_decay, groups) if g.no_decay else None
+        parts.append(optax.add_decayed_weights(opt.weight_decay, mask=mask))
     parts.append(optax.scale_by_learning_rate(schedule))
+    scales = g.lr_scales()
+    if any(scale != 1.0 for scale in scales.values()):
+        parts.append(optax.multi_transform({name: optax.scale(scale) for name, scale in scales.items()}, groups))
     return optax.chain(*parts), schedule

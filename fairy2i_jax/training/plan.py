@@ -16,7 +16,8 @@ abstract mesh of ``N`` devices; a leaf whose dims do not divide is counted repli
 * **gradients**: the param-shaped gradient (complex64 for masters) plus the float32 accumulator of the
   weight gradients ``d loss / d A_q`` (one real matrix per linear) that lives through the micro-batches;
 * **effective weights**: the fake-quantized real matrices in the compute dtype, made once per step (a second set
-  for a distillation teacher), sharded like the weights they come from;
+  for a distillation teacher: made each step for ``distill.teacher: self``, held for the run for ``frozen``,
+  whose embeddings and norms in the compute dtype are not counted), sharded like the weights they come from;
 * **activations** of one micro-batch, an estimate by :func:`activation_bytes` with the remat policy.
 
 The total is compared with each device's memory: it *fits* when it is at most ``HEADROOM`` (90 %) of it (XLA's
@@ -147,8 +148,8 @@ def plan_memory(cfg: TrainConfig, num_devices: int) -> MemoryPlan:
     sizes = cfg.mesh.resolve(num_devices)
     mesh = AbstractMesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
     layout = ParamLayout(model)
-    tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps)
     coords = cfg.optimizer.coordinates
+    tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps, layout.opt_groups(coords))
     shardings = state_shardings(layout, tx, coords, mesh)
     state = abstract_state(layout, tx, coords, shardings)
     is_complex = [np.issubdtype(np.dtype(s.dtype), np.complexfloating) for s in jax.tree.leaves(state.params)]

@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fairy2i_jax.models.llama import CausalLM
 from fairy2i_jax.sharding import logical_to_sharding, variable_logical_axes
-from fairy2i_jax.training.optim import master_nodes, opt_space_names, params_to_opt
+from fairy2i_jax.training.optim import master_nodes, opt_space_groups, opt_space_names, param_groups, params_to_opt
 
 Tree = Any
 
@@ -65,8 +65,9 @@ class Axes:
 
 
 class ParamLayout:
-    """The static structure of a model: graphdef, the nnx.State treedef, the logical names of every param and
-    the nodes holding complex masters (:func:`~fairy2i_jax.training.optim.master_nodes`).
+    """The static structure of a model: graphdef, the nnx.State treedef, the logical names and the optimizer
+    group (:func:`~fairy2i_jax.training.optim.param_groups`) of every param, and the nodes holding complex
+    masters (:func:`~fairy2i_jax.training.optim.master_nodes`).
 
     ``merge(params)`` rebuilds the model from a pure param dict (works on tracers); ``pure(model)`` is the
     inverse. The leaf order of the pure dict and of the nnx.State is checked once at construction.
@@ -87,6 +88,7 @@ class ParamLayout:
         self.param_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), pure)
         self.names = nnx.to_pure_dict(
             state, extract_fn=lambda v: Axes(variable_logical_axes(v)) if isinstance(v, nnx.Variable) else v)
+        self.groups = param_groups(model)
 
     def merge(self, params: Tree) -> CausalLM:
         """The model whose params are the pure dict ``params``."""
@@ -101,6 +103,10 @@ class ParamLayout:
     def to_opt(self, params: Tree, coordinates: str) -> Tree:
         """:func:`~fairy2i_jax.training.optim.params_to_opt` for this layout."""
         return params_to_opt(params, self.masters, coordinates)
+
+    def opt_groups(self, coordinates: str) -> Tree:
+        """The optimizer-space tree of param groups (what ``make_optimizer(..., groups=)`` takes)."""
+        return opt_space_groups(self.groups, self.masters, coordinates)
 
 
 def _path_key(path, strip_value: bool = False) -> str:

@@ -1,6 +1,7 @@
 """The jitted train and eval steps.
 
-Train step ``(state, batch) -> (state, metrics)`` for a global batch ``{input_ids, labels} [B, T]``:
+Train step ``(state, batch, teacher) -> (state, metrics)`` for a global batch ``{input_ids, labels} [B, T]``
+(``teacher``: the frozen distillation teacher, :mod:`fairy2i_jax.training.teacher`, or None):
 
 1. Quantize once: ``weights, pullback = jax.vjp(lambda p: model(p).effective_weights(), params)``: every linear's
    fake-quantized real matrix (STE inside), computed once per optimizer step.
@@ -12,8 +13,9 @@ Train step ``(state, batch) -> (state, metrics)`` for a global batch ``{input_id
    adjoint run once per step).
 4. Loss: mean over the scored tokens of the whole global batch, ``sum CE / #scored`` with
    ``CE = -log softmax(logits[:, :-1])[labels[:, 1:]]`` and labels -100 ignored; with distillation
-   ``(1 - w) CE + w T^2 KL(softmax(z_teacher / T) || softmax(z / T))``, the teacher being the same masters
-   unquantized (stop-gradient).
+   (``distill.weight = w > 0``) :func:`distill_loss` ``(1 - w) CE + w T^2 KL(softmax(z_teacher / T) ||
+   softmax(z / T))``, both means over the same tokens, the teacher's logits under stop-gradient: ``self`` = the
+   same masters unquantized (made each step), ``frozen`` = the original real model (the ``teacher`` argument).
 5. Non-finite loss or gradient: the update is skipped (``lax.cond``) and the metrics carry ``finite = False`` and
    ``bad_leaf`` = the flatten index of the first non-finite gradient leaf (``-1`` if only the loss is bad).
 6. Otherwise the optimizer runs in its coordinate space (:mod:`fairy2i_jax.training.optim`).
@@ -32,12 +34,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from fairy2i_jax.convert import teacher_weights
 from fairy2i_jax.data import IGNORE_INDEX
 from fairy2i_jax.sharding import activation_context, constrain, logical_to_sharding
 from fairy2i_jax.training.config import DistillSection
 from fairy2i_jax.training.optim import grads_to_opt, updates_from_opt
 from fairy2i_jax.training.state import ParamLayout, TrainState, replicated
+from fairy2i_jax.training.teacher import Teacher, self_teacher, teacher_logits
 
 Tree = Any
 
@@ -62,6 +64,12 @@ def token_kl(teacher_logits: jax.Array, logits: jax.Array, labels: jax.Array, te
     return jnp.sum(jnp.where(mask, kl, 0.0))
 
 
+def distill_loss(ce: jax.Array, kl: jax.Array, weight: float, temperature: float) -> jax.Array:
+    """``(1 - w) CE + w T^2 KL`` (``CE``, ``KL``: means per scored token; the ``T^2`` keeps the KL term's
+    gradient on the scale of the CE's as ``T`` grows, Hinton et al. 2015)."""
+    return (1.0 - weight) * ce + weight * temperature**2 * kl
+
+
 def micro_batches(x: jax.Array, grad_accum: int, mesh: Mesh | None) -> jax.Array:
     """``[B, T] -> [k, B / k, T]`` with micro-batch ``a`` = rows ``a::k`` (module docstring)."""
     b, t = x.shape
@@ -83,11 +91,17 @@ def make_train_step(layout: ParamLayout, tx: optax.GradientTransformation, sched
     """The pure train step (module docstring); jit it with :func:`jit_train_step`. ``mesh``: the mesh whose
     logical rules the activations follow (None: unconstrained); ``seq``: the mesh axis of the sequence (None)."""
     use_teacher = distill.weight > 0
+    frozen = distill.frozen
     alpha, temp = float(distill.weight), float(distill.temperature)
 
-    def loss_and_grads(params, batch):
+    def loss_and_grads(params, batch, frozen_teacher: Teacher | None):
         weights, pullback = jax.vjp(lambda p: layout.merge(p).effective_weights(), params)
-        teacher = jax.lax.stop_gradient(teacher_weights(layout.merge(params))) if use_teacher else None
+        if frozen and frozen_teacher is None:
+            raise ValueError("distill.teacher = frozen: the train step needs the frozen teacher as its third "
+                             "argument (fairy2i_jax.training.teacher.frozen_teacher)")
+        teacher = None
+        if use_teacher:
+            teacher = frozen_teacher if frozen else jax.lax.stop_gradient(self_teacher(layout.merge(params)))
         ids = micro_batches(batch["input_ids"], grad_accum, mesh)
         labels = micro_batches(batch["labels"], grad_accum, mesh)
         denom = jnp.maximum(jnp.sum(labels[:, :, 1:] != IGNORE_INDEX, dtype=jnp.float32), 1.0)
@@ -98,9 +112,9 @@ def make_train_step(layout: ParamLayout, tx: optax.GradientTransformation, sched
             nll, _ = token_nll(logits, mb_labels)
             loss = nll / denom
             if use_teacher:
-                t_logits = jax.lax.stop_gradient(model(mb_ids, weights=teacher))
+                t_logits = teacher_logits(layout, p, teacher, mb_ids)
                 kl = token_kl(t_logits, logits, mb_labels, temp) / denom
-                loss = (1.0 - alpha) * loss + alpha * temp**2 * kl
+                loss = distill_loss(loss, kl, alpha, temp)
             return loss, nll
 
         grad_fn = jax.value_and_grad(micro_loss, argnums=(0, 1), has_aux=True)
@@ -120,13 +134,13 @@ def make_train_step(layout: ParamLayout, tx: optax.GradientTransformation, sched
         grads = jax.tree.map(lambda a, b: a + b.astype(a.dtype), g_p, g_from_w)
         return grads, loss, nll / denom, denom
 
-    def step(state: TrainState, batch):
+    def step(state: TrainState, batch, teacher: Teacher | None = None):
         with activation_context(mesh, seq):
-            return _step(state, batch)
+            return _step(state, batch, teacher)
 
-    def _step(state: TrainState, batch):
+    def _step(state: TrainState, batch, teacher):
         params, opt_state = state.params, state.opt_state
-        grads, loss, ce, tokens = loss_and_grads(params, batch)
+        grads, loss, ce, tokens = loss_and_grads(params, batch, teacher)
         flags = _finite_flags(grads)
         finite = jnp.isfinite(loss) & jnp.all(flags)
         bad_leaf = jnp.where(jnp.all(flags), -1, jnp.argmin(flags)).astype(jnp.int32)
@@ -155,10 +169,12 @@ def batch_sharding(mesh: Mesh, shape: tuple[int, int]):
     return logical_to_sharding(("batch", "seq"), mesh, shape)
 
 
-def jit_train_step(step_fn, shardings: Tree, mesh: Mesh, batch_shape: tuple[int, int]):
-    """``jax.jit`` with in/out shardings from the logical rules, the state donated."""
+def jit_train_step(step_fn, shardings: Tree, mesh: Mesh, batch_shape: tuple[int, int],
+                   teacher_shardings: Teacher | None = None):
+    """``jax.jit`` with in/out shardings from the logical rules, the state donated; the jitted step takes
+    ``(state, batch, teacher)`` (``teacher``: None, or the frozen teacher with ``teacher_shardings``)."""
     bs = batch_sharding(mesh, batch_shape)
-    return jax.jit(step_fn, in_shardings=(shardings, {"input_ids": bs, "labels": bs}),
+    return jax.jit(step_fn, in_shardings=(shardings, {"input_ids": bs, "labels": bs}, teacher_shardings),
                    out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
 
 
