@@ -323,7 +323,7 @@ def resolve_tasks(names: Sequence[str], include_path: str | os.PathLike | Sequen
     return manager
 
 
-def evaluate_tasks(lm: LM, tasks: Sequence[str], include_path=None, include_defaults: bool = True,
+def evaluate_tasks(lm: TemplateLM, tasks: Sequence[str], include_path=None, include_defaults: bool = True,
                    num_fewshot: int | None = None, limit: int | float | None = None, **kwargs) -> dict:
     """`lm_eval.simple_evaluate` on `lm` for `tasks`, after `resolve_tasks` has checked the names."""
     import lm_eval
