@@ -44,7 +44,11 @@ def test_seq_len_is_checked_against_the_model_positions():
 
 def test_test_documents(monkeypatch):
     monkeypatch.chdir(ROOT)  # data.test is relative to the repository root
-    assert training_setup.test_documents(_cfg("data.test=[]")) == []
-    docs = training_setup.test_documents(_cfg())
+    from fairy2i_jax.hf.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()  # the debug config's random:tiny tokenizer; text entries are returned as texts
+    assert training_setup.test_documents(_cfg("data.test=[]"), tok) == []
+    assert training_setup.test_documents(_cfg("eval.ppl_max_tokens=0"), tok) == []  # the report is off
+    docs = training_setup.test_documents(_cfg("eval.ppl_max_tokens=256"), tok)
     assert len(docs) > 100 and all(isinstance(d, str) and d.strip() for d in docs)
     assert any("Anne" in d for d in docs)  # Persuasion, the test novel
